@@ -1,0 +1,1 @@
+"""Data: readers, curation, tokenization to shards, mixture sampling."""

@@ -1,0 +1,25 @@
+"""Which document files feed the tokenizer and tokenize stages.
+
+With `curate` among the recipe's stages, they read the curated shards in the run directory;
+otherwise the raw files named in `data.domains`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from openmill.config import Recipe
+
+
+def curated_dir(run_root: Path, domain: str, split: str) -> Path:
+    """Where the curate stage writes the clean documents of one domain and split."""
+    return Path(run_root) / "curate" / domain / split
+
+
+def document_files(recipe: Recipe, domain: str, split: str) -> tuple[list[Path], str]:
+    """(files, text_field) for one domain and split ("train" or "valid")."""
+    if "curate" in recipe.stages:
+        files = sorted(curated_dir(recipe.root, domain, split).glob("*.jsonl*"))
+        return files, "text"
+    spec = recipe.data.domains[domain]
+    return list(getattr(spec, split)), spec.text_field

@@ -1,0 +1,213 @@
+"""The one decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, optional sliding window.
+
+No I/O and no distributed code here (parallelism is applied from outside, see train/parallel.py).
+Parameter names follow Hugging Face's Llama layout without the "model." prefix, so export and
+import are a rename. RoPE uses the same rotate-half convention as `transformers`.
+
+Shapes: B batch, T tokens, H query heads, K key/value heads, D head_dim, C model dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openmill.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as transformers does) so bf16 training matches fp32 statistics.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, n_positions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (n_positions, D), in fp32, rotate-half layout (frequencies repeated twice)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    t = torch.arange(n_positions, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, D); cos/sin: (T, D) or (B, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True = may attend: causal, and within `window` tokens if set."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    return allowed
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer: (n_layers, B, K, max_len, D).
+
+    Passed explicitly into `Transformer.forward`; the generation engine owns its lifetime.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, K, T, D) at positions `pos` (T,); return all cached keys/values."""
+        self.k[layer][:, :, pos] = k
+        self.v[layer][:, :, pos] = v
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, k * d, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, k * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, pos: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, pos, k, v)
+        if cfg.n_kv_heads != cfg.n_heads:
+            # Expanding K/V to H heads costs memory but keeps the fast SDPA kernels on every backend.
+            rep = cfg.n_heads // cfg.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, pos, cache, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Build on the meta device, then `to_empty(device=...)` and `init_weights()` (see `build_model`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None or cfg.head_dim is None or cfg.ffn_dim is None or cfg.n_kv_heads is None:
+            raise ValueError("Transformer needs a resolved ModelConfig (call cfg.resolved(vocab_size))")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg, cfg.max_seq_len, device="meta")
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self):
+        """Recompute the RoPE tables on the model's device (after to_empty or a load)."""
+        cos, sin = rope_tables(self.cfg, self.cfg.max_seq_len, device=self.embed_tokens.weight.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx: (B, T) token ids -> logits (B, T, vocab).
+
+        Without a cache, positions are 0..T-1. With a cache, `pos` (T,) gives the absolute positions
+        of the new tokens and attention covers every cached position up to them.
+        """
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)
+        if int(pos[-1]) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(pos[-1])} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        mask = None  # None = plain causal over the T tokens (the fast path)
+        if cache is not None:
+            k_pos = torch.arange(cache.max_len, device=idx.device)
+            mask = attention_mask(pos, k_pos, self.cfg.sliding_window)
+        elif self.cfg.sliding_window is not None and T > self.cfg.sliding_window:
+            mask = attention_mask(pos, pos, self.cfg.sliding_window)
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos, cache, mask)
+        return self.lm_head(self.norm(x))
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
+    """Meta device -> to_empty -> one init_weights: no weights are ever allocated twice."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights()
+    return model
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a resolved config, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Training: the engine, checkpointing, schedules, parallelism, metrics."""
