@@ -1,0 +1,163 @@
+"""The stage table and the recipe runner.
+
+Every stage is a plain function `(recipe, out_dir) -> (outputs, metrics)` registered here with the
+config sections and input files that decide whether it must run again. The runner validates the
+whole recipe before any work, runs the listed stages in order, skips those whose fingerprint
+(config sections + sha256 of inputs) matches their manifest, and writes each manifest on success.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+
+from openmill.config import Recipe, RecipeError
+from openmill.data.readers import check_corpus
+from openmill.data.sources import document_files
+from openmill.rundir import RunDir, atomic_write_text, fingerprint
+
+StageFn = Callable[[Recipe, Path], tuple[list[Path], dict]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # recipe fields whose values are part of the fingerprint
+    inputs: Callable[[Recipe], list[Path]]
+    run: StageFn
+    distributed: bool = False  # runs on every process under torchrun (else rank 0 only)
+
+
+def _raw_files(recipe: Recipe) -> list[Path]:
+    return [p for d in recipe.data.domains.values() for p in (*d.train, *d.valid)]
+
+
+def _documents(recipe: Recipe) -> list[Path]:
+    return [p for d in recipe.data.domains for split in ("train", "valid") for p in document_files(recipe, d, split)[0]]
+
+
+def _tokenizer_path(recipe: Recipe) -> Path:
+    return recipe.root / "tokenizer" / "tokenizer.json"
+
+
+def _tokens_dir(recipe: Recipe) -> Path:
+    return recipe.root / "tokens"
+
+
+def _final_model(recipe: Recipe) -> Path:
+    return recipe.root / "pretrain" / "final"
+
+
+def _curate(recipe: Recipe, out: Path):
+    from openmill.data.curate.stage import run_curate
+
+    return run_curate(recipe, out)
+
+
+def _tokenizer(recipe: Recipe, out: Path):
+    from openmill.tokenizer import train_tokenizer
+
+    return train_tokenizer(recipe, out)
+
+
+def _tokenize(recipe: Recipe, out: Path):
+    from openmill.data.tokenize import tokenize_corpus
+
+    return tokenize_corpus(recipe, _tokenizer_path(recipe), out)
+
+
+def _pretrain(recipe: Recipe, out: Path):
+    from openmill.train.pretrain import run_pretrain
+
+    return run_pretrain(recipe, out, _tokenizer_path(recipe), _tokens_dir(recipe))
+
+
+def _generate(recipe: Recipe, out: Path):
+    from openmill.sample import sample_stage
+
+    return sample_stage(recipe, _final_model(recipe), out)
+
+
+STAGE_TABLE: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("curate", ("seed", "data", "curate"), _raw_files, _curate),
+        Stage("tokenizer", ("seed", "data", "tokenizer"), _documents, _tokenizer),
+        Stage("tokenize", ("data", "tokenize"), lambda r: [_tokenizer_path(r), *_documents(r)], _tokenize),
+        Stage(
+            "pretrain",
+            ("seed", "data", "model", "pretrain"),
+            lambda r: [_tokenizer_path(r), _tokens_dir(r)] + ([r.pretrain.init_from] if r.pretrain.init_from else []),
+            _pretrain,
+            distributed=True,
+        ),
+        Stage("generate", ("seed", "generate"), lambda r: [_final_model(r)], _generate),
+    )
+}
+
+
+def preflight(recipe: Recipe) -> None:
+    """Everything that can be checked before any work, each failure one line naming the field or file."""
+    for name, domain in recipe.data.domains.items():
+        for split in ("train", "valid"):
+            check_corpus(list(getattr(domain, split)), domain.text_field, f"data.domains.{name}.{split}")
+    p, m = recipe.pretrain, recipe.model
+    try:
+        model = m.resolved(vocab_size=m.vocab_size or recipe.tokenizer.vocab_size)
+    except ValueError as e:
+        raise RecipeError(f"model: {e}") from None
+    if p.seq_len > model.max_seq_len:
+        raise RecipeError(f"pretrain.seq_len: {p.seq_len} exceeds model.max_seq_len {model.max_seq_len}")
+    if m.vocab_size is not None and m.vocab_size < recipe.tokenizer.vocab_size:
+        raise RecipeError(f"model.vocab_size: {m.vocab_size} is smaller than tokenizer.vocab_size {recipe.tokenizer.vocab_size}")
+    if p.init_from is not None and not (Path(p.init_from) / "model.json").is_file():
+        raise RecipeError(f"pretrain.init_from: {p.init_from} is not a model folder (model.json missing)")
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def run_stage(recipe: Recipe, name: str, run: RunDir, force: bool = False, log=print) -> dict | None:
+    stage = STAGE_TABLE[name]
+    dump = recipe.model_dump(mode="json")
+    config = {section: dump[section] for section in stage.sections}
+    fp = fingerprint(config, stage.inputs(recipe))
+    if not force and run.is_up_to_date(name, fp):
+        log(f"[{name}] up to date, skipped (use --force to rerun)")
+        return run.manifest(name)
+    if not stage.distributed and not _is_main():
+        dist.barrier()
+        return None
+    log(f"[{name}] running")
+    started = time.time()
+    outputs, metrics = stage.run(recipe, run.stage(name))
+    manifest = None
+    if _is_main():
+        manifest = run.write_manifest(
+            name, config=config, fp=fp, inputs=stage.inputs(recipe), outputs=outputs, metrics=metrics, started=started
+        )
+        log(f"[{name}] done in {manifest['seconds']:.1f} s")
+    if not stage.distributed and dist.is_initialized():
+        dist.barrier()
+    return manifest
+
+
+def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = False, log=print) -> dict[str, dict]:
+    """Run `stages` (default: the recipe's list) in order; returns each stage's manifest."""
+    preflight(recipe)
+    run = RunDir(recipe.root)
+    import yaml
+
+    if _is_main():
+        atomic_write_text(run.root / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    results = {}
+    for name in stages or recipe.stages:
+        if name not in STAGE_TABLE:
+            raise RecipeError(f"stages: unknown stage {name!r}; choices: {', '.join(STAGE_TABLE)}")
+        results[name] = run_stage(recipe, name, run, force=force, log=log)
+    return results

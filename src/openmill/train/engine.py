@@ -1,0 +1,237 @@
+"""The training engine: one loop for pretraining (and, later, SFT and DPO through `loss_fn`).
+
+A step: for each micro-batch, forward + loss / grad_accum + backward (gradient sync only on the
+last one), clip, AdamW step with the schedule's learning rate. Host-device syncs happen only at
+log, eval and checkpoint steps. Everything resumable goes through train/checkpoint.py, and the
+batch of a step is a pure function of the step (data/mixture.py), so a resumed run reproduces the
+uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openmill.config import PretrainConfig
+from openmill.train import checkpoint as ckpt
+from openmill.train.metrics import MetricsLog
+from openmill.train.parallel import World, all_reduce_mean
+from openmill.train.schedule import lr_at
+
+# A batch source gives this rank's micro-batches of a step: list of (inputs, targets, tags).
+BatchFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# An evaluator returns flat scalar metrics, e.g. {"val/en/bpb": 1.9}; collective under torchrun.
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def make_optimizer(model: nn.Module, cfg: PretrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (norm gains are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+
+
+def cpu_matmul_peak_flops(n: int = 1024, repeats: int = 8) -> float:
+    """Measured fp32 matmul FLOP/s on this CPU: the denominator of a CPU 'MFU'."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value
+        return float("nan")
+    return cpu_matmul_peak_flops()
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6 N (weights, forward + backward) + 12 L T C (attention scores), N without the embedding lookup."""
+    cfg = model.cfg
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed_tokens"))
+    if cfg.tie_embeddings:
+        n += cfg.vocab_size * cfg.dim
+    return 6 * n + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)  # e.g. the mixture sampler's state
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        raw_model: nn.Module,
+        cfg: PretrainConfig,
+        world: World,
+        out_dir: Path,
+        batch_fn: BatchFn,
+        eval_fn: EvalFn,
+        loss_fn: LossFn = next_token_loss,
+        stateful: dict | None = None,
+        meta: dict | None = None,
+        log=print,
+    ):
+        self.model, self.raw, self.cfg, self.world = model, raw_model, cfg, world
+        self.out_dir = Path(out_dir)
+        self.batch_fn, self.eval_fn, self.loss_fn = batch_fn, eval_fn, loss_fn
+        self.stateful = stateful or {}  # name -> object with state_dict / load_state_dict
+        self.meta = meta or {}
+        self.log = log if world.is_main else (lambda *a, **k: None)
+        fused = world.device.type == "cuda" or world.size == 1
+        self.optimizer = make_optimizer(model, cfg, fused=fused)
+        self.state = TrainState()
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if world.device.type == "cuda" and cfg.dtype in ("auto", "bf16")
+            else contextlib.nullcontext()
+        )
+
+    # ------------------------------------------------------------------------------ resumption
+
+    def resume(self) -> bool:
+        found = ckpt.latest_good(self.out_dir / "checkpoints", log=self.log)
+        if found is None:
+            return False
+        trainer = ckpt.load_checkpoint(found.folder, self.model, self.optimizer)
+        self.state = TrainState(step=trainer["step"], tokens=trainer["tokens"], extra=trainer.get("extra", {}))
+        for name, obj in self.stateful.items():
+            if name in self.state.extra:
+                obj.load_state_dict(self.state.extra[name])
+        self.log(f"resuming from {found.folder} (step {self.state.step})")
+        return True
+
+    def save(self) -> None:
+        extra = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        ckpt.save_checkpoint(
+            self.out_dir / "checkpoints",
+            self.state.step,
+            self.model,
+            self.optimizer,
+            {"step": self.state.step, "tokens": self.state.tokens, "extra": extra},
+            {**self.meta, "tokens": self.state.tokens},
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------------------- the loop
+
+    def _sync_context(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch."""
+        if last or self.world.size == 1:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):  # DDP
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step. Returns (mean loss, grad norm) as tensors (no host sync) and tokens."""
+        cfg, step = self.cfg, self.state.step
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = self.batch_fn(step)
+        total = torch.zeros((), device=self.world.device)
+        tokens = 0
+        for i, (inputs, targets, _tags) in enumerate(micro):
+            last = i == len(micro) - 1
+            if last and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(True)
+            inputs, targets = inputs.to(self.world.device), targets.to(self.world.device)
+            with self._sync_context(last), self.autocast:
+                loss = self.loss_fn(self.model, inputs, targets) / len(micro)
+                loss.backward()
+            total += loss.detach()
+            tokens += targets.numel()
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:
+            norm = torch.zeros(())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm, tokens * self.world.size
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            results = self.eval_fn(self.model)
+        self.model.train()
+        return results
+
+    def fit(self, metrics: MetricsLog, progress=None) -> dict:
+        """Train from self.state.step to cfg.steps; returns the first and last evaluation."""
+        cfg = self.cfg
+        fpt = flops_per_token(self.raw, cfg.seq_len)
+        peak = peak_flops(self.world.device)
+        first_eval = None
+        if self.state.step == 0:
+            first_eval = self.evaluate()
+            metrics.log(0, **first_eval)
+        last_eval = first_eval
+        running, window_tokens, t0 = torch.zeros((), device=self.world.device), 0, time.perf_counter()
+        window_steps = 0
+        self.model.train()
+        while self.state.step < cfg.steps:
+            loss, norm, tokens = self.train_step()
+            self.state.step += 1
+            self.state.tokens += tokens
+            running += loss
+            window_tokens += tokens
+            window_steps += 1
+            step = self.state.step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = all_reduce_mean(running / window_steps).item()  # the one host sync per log
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} at step {step}")
+                dt = time.perf_counter() - t0
+                tps = window_tokens / dt
+                metrics.log(
+                    step,
+                    loss=mean_loss,
+                    grad_norm=float(norm),
+                    lr=lr_at(step - 1, cfg),
+                    tokens=self.state.tokens,
+                    tokens_per_s=tps,
+                    mfu=tps * fpt / (peak * self.world.size),
+                )
+                if progress is not None:
+                    progress(step, mean_loss, tps)
+                running.zero_()
+                window_tokens, window_steps, t0 = 0, 0, time.perf_counter()
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                last_eval = self.evaluate()
+                metrics.log(step, **last_eval)
+                t0 = time.perf_counter()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                self.save()
+                t0 = time.perf_counter()
+        return {"first_eval": first_eval, "last_eval": last_eval}

@@ -1,0 +1,221 @@
+"""The pretrain stage: token shards + tokenizer -> a trained model folder.
+
+    pretrain/
+        checkpoints/step_XXXXXX/   resumable state (see train/checkpoint.py)
+        final/                     model.safetensors + model.json + tokenizer.json: a self-contained model
+        metrics.jsonl  tb/         training and validation metrics
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file
+
+from openmill.config import ModelConfig, Recipe
+from openmill.data.mixture import MixtureSampler
+from openmill.data.shards import TokenShards
+from openmill.model import Transformer, build_model
+from openmill.rundir import atomic_dir, atomic_write_json, fingerprint
+from openmill.tokenizer import Tokenizer
+from openmill.train.checkpoint import barrier, is_main_process, list_checkpoints, save_weights
+from openmill.train.engine import Trainer
+from openmill.train.metrics import MetricsLog, read_metrics
+from openmill.train.parallel import init_world, parallelize, unwrap
+
+
+def load_model_folder(folder: Path, device="cpu") -> tuple[Transformer, ModelConfig]:
+    """A model folder written by this stage (or by import/export later): weights + model.json."""
+    folder = Path(folder)
+    meta_path = folder / "model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (model.json missing)")
+    cfg = ModelConfig(**json.loads(meta_path.read_text())["model"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
+    model.reset_rope()
+    return model, cfg
+
+
+def write_model_folder(folder: Path, model: Transformer, tokenizer_path: Path, extra: dict) -> None:
+    with atomic_dir(folder) as tmp:
+        save_weights(tmp / "model.safetensors", model.state_dict())
+        atomic_write_json(tmp / "model.json", {"model": model.cfg.model_dump(mode="json"), **extra})
+        shutil.copy(tokenizer_path, tmp / "tokenizer.json")
+
+
+class Validation:
+    """Loss and bits-per-byte per domain on fixed windows of each valid split.
+
+    bpb = (sum of next-token losses in nats over targets that are text) / ln 2 / (UTF-8 bytes of
+    those targets). Special tokens (EOS between documents) carry no bytes and are left out of both
+    sums, so bpb compares across tokenizers.
+    """
+
+    def __init__(self, shards: dict[str, TokenShards], token_bytes: np.ndarray, seq_len: int, max_tokens: int, device):
+        self.device = device
+        self.token_bytes = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
+        self.rows = {}
+        for name, s in shards.items():
+            n_rows = max(1, min(max_tokens, s.n_tokens - 1) // seq_len)
+            length = min(seq_len, s.n_tokens - 1)
+            rows = np.stack([s.read(i * length, length + 1) for i in range(n_rows)])
+            self.rows[name] = torch.from_numpy(rows.astype(np.int64))
+
+    def __call__(self, model, batch_size: int = 8) -> dict[str, float]:
+        out = {}
+        for name, rows in self.rows.items():
+            nats, nbytes, ntok, loss_sum = 0.0, 0, 0, 0.0
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size].to(self.device)
+                logits = model(chunk[:, :-1]).float()
+                targets = chunk[:, 1:]
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+                tb = self.token_bytes[targets.flatten()]
+                nats += float((loss * (tb > 0)).sum())
+                nbytes += int(tb.sum())
+                loss_sum += float(loss.sum())
+                ntok += targets.numel()
+            out[f"val/{name}/loss"] = loss_sum / ntok
+            out[f"val/{name}/bpb"] = nats / math.log(2) / max(1, nbytes)
+        return out
+
+
+def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir: Path, log=print) -> tuple[list[Path], dict]:
+    cfg = recipe.pretrain
+    world = init_world()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed % 2**32)
+
+    tokenizer = Tokenizer.load(tokenizer_path)
+    model_cfg = recipe.model.resolved(vocab_size=tokenizer.vocab_size)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({model_cfg.vocab_size}) < tokenizer vocabulary ({tokenizer.vocab_size})")
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+
+    weights = recipe.domain_weights(cfg.mixture)
+    domains = [d for d, w in weights.items() if w > 0]
+    train = {d: TokenShards(Path(tokens_dir) / d / "train") for d in domains}
+    valid = {d: TokenShards(Path(tokens_dir) / d / "valid") for d in recipe.data.domains}
+    sampler = MixtureSampler(train, weights, cfg.seq_len, recipe.seed)
+
+    if cfg.init_from is not None:
+        raw, loaded_cfg = load_model_folder(cfg.init_from, device=world.device)
+        log(f"initialised from {cfg.init_from}")
+        model_cfg = loaded_cfg
+    else:
+        raw = build_model(model_cfg, device=world.device)
+    n_params = sum(p.numel() for p in raw.parameters())
+    model = parallelize(raw, world, cfg.parallel, cfg.compile)
+
+    local_batch = cfg.batch_size // world.size
+    if cfg.batch_size % (world.size * cfg.grad_accum):
+        raise ValueError(
+            f"pretrain.batch_size ({cfg.batch_size}) must divide by processes x grad_accum ({world.size} x {cfg.grad_accum})"
+        )
+    micro = local_batch // cfg.grad_accum
+
+    def batch_fn(step: int):
+        x, y, tags = sampler.batch(step, cfg.batch_size, world.rank, world.size)
+        return [(x[i : i + micro], y[i : i + micro], tags[i : i + micro]) for i in range(0, local_batch, micro)]
+
+    validation = Validation(valid, tokenizer.token_bytes(), cfg.seq_len, cfg.eval_tokens, world.device)
+    out_dir = Path(out_dir)
+    trainer = Trainer(
+        model,
+        raw,
+        cfg,
+        world,
+        out_dir,
+        batch_fn,
+        eval_fn=validation,
+        stateful={"mixture": sampler},
+        meta={"model": model_cfg.model_dump(mode="json"), "recipe": recipe.name},
+        log=log,
+    )
+    resume_key = fingerprint(recipe.model_dump(mode="json", include={"seed", "data", "model", "pretrain"}), [])
+    _drop_foreign_checkpoints(out_dir / "checkpoints", resume_key, log)
+    trainer.meta["resume_key"] = resume_key
+    resumed = trainer.resume()
+    metrics = MetricsLog(out_dir, world.is_main, cfg.tensorboard, trainer.state.step if resumed else None)
+    log(
+        f"pretrain: {n_params / 1e6:.2f}M parameters, {world.size} process(es) on {world.device}, "
+        f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
+    )
+    with Progress(
+        TextColumn("[bold]pretrain"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        disable=not world.is_main,
+    ) as bar:
+        task = bar.add_task("pretrain", total=cfg.steps, completed=trainer.state.step, status="")
+
+        def progress(step, loss, tps):
+            bar.update(task, completed=step, status=f"loss {loss:.3f}  {tps:,.0f} tok/s")
+
+        trainer.fit(metrics, progress)
+    metrics.close()
+
+    final = out_dir / "final"
+    plain = unwrap_full(model, raw)  # collective under FSDP: every rank takes part
+    if world.is_main:
+        write_model_folder(final, plain, tokenizer_path, {"recipe": recipe.name, "step": cfg.steps})
+    summary = summarize(read_metrics(out_dir / "metrics.jsonl"), list(recipe.data.domains)) if world.is_main else {}
+    summary.update(parameters=n_params, processes=world.size, device=str(world.device))
+    return [final, out_dir / "metrics.jsonl"], summary
+
+
+def _drop_foreign_checkpoints(root: Path, resume_key: str, log) -> None:
+    """Checkpoints of a run with another recipe are not resumed from: they are removed, with a note."""
+    found = list_checkpoints(root)
+    if not found:
+        return
+    meta = json.loads((found[-1][1] / "meta.json").read_text()) if (found[-1][1] / "meta.json").is_file() else {}
+    if meta.get("resume_key") != resume_key and is_main_process():
+        log(f"pretrain: the recipe changed since {found[-1][1].name}; starting over (old checkpoints removed)")
+        shutil.rmtree(root)
+    barrier()
+
+
+def unwrap_full(model, raw: Transformer) -> Transformer:
+    """The plain model with full weights (FSDP2 shards in place: gather into a fresh copy)."""
+    if not any(type(p).__name__ == "DTensor" for p in raw.parameters()):
+        return unwrap(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    plain = build_model(raw.cfg, device="cpu")
+    plain.load_state_dict(full)
+    return plain
+
+
+def summarize(records: list[dict], domains: list[str]) -> dict:
+    """Validation bpb per domain at step 0 and at the end, and their ratio (from metrics.jsonl)."""
+    evals = [r for r in records if any(k.startswith("val/") for k in r)]
+    train = [r for r in records if "loss" in r]
+    out = {"val_bpb": {}, "final_train_loss": train[-1]["loss"] if train else None}
+    if train:
+        out["tokens_per_s"] = sum(r["tokens_per_s"] for r in train) / len(train)
+        out["tokens"] = train[-1]["tokens"]
+    if evals:
+        first, last = evals[0], evals[-1]
+        for d in domains:
+            start, end = first.get(f"val/{d}/bpb"), last.get(f"val/{d}/bpb")
+            out["val_bpb"][d] = {"step0": start, "final": end, "ratio": end / start if start and end else None}
+    return out
