@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmill.config import ModelConfig
+from openmill.fused_loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -171,11 +172,19 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.cfg, self.cfg.max_seq_len, device=self.embed_tokens.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx: (B, T) token ids -> logits (B, T, vocab).
+    def forward(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab), or the mean next-token loss if `targets` (B, T).
 
         Without a cache, positions are 0..T-1. With a cache, `pos` (T,) gives the absolute positions
-        of the new tokens and attention covers every cached position up to them.
+        of the new tokens and attention covers every cached position up to them. With targets the
+        output projection and the loss are fused (fused_loss.py): no (B, T, vocab) logits are kept.
+        Targets equal to -100 are ignored.
         """
         B, T = idx.shape
         if pos is None:
@@ -192,6 +201,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)
+        if targets is not None:
+            return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
         return self.lm_head(self.norm(x))
 
 

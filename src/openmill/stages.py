@@ -8,6 +8,7 @@ whole recipe before any work, runs the listed stages in order, skips those whose
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,10 @@ def run_stage(recipe: Recipe, name: str, run: RunDir, force: bool = False, log=p
 def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = False, log=print) -> dict[str, dict]:
     """Run `stages` (default: the recipe's list) in order; returns each stage's manifest."""
     preflight(recipe)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: join the group before any stage
+        from openmill.train.parallel import init_world
+
+        init_world()
     run = RunDir(recipe.root)
     import yaml
 

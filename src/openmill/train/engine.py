@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from openmill.config import PretrainConfig
@@ -34,8 +33,9 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
 def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    # The loss is computed inside the model's forward (fused with the output projection), so
+    # FSDP2 has the output weights gathered while it runs.
+    return model(inputs, targets=targets)
 
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig, fused: bool) -> torch.optim.Optimizer:

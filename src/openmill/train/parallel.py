@@ -1,8 +1,8 @@
 """Process groups and parallelism, applied from outside the model in one documented place.
 
 Under `torchrun` (WORLD_SIZE > 1) the model is wrapped by DDP or sharded by FSDP2 (`fully_shard`);
-a single process runs the plain module. Order: shard/wrap first, then torch.compile, so the
-compiled graph sees the parallel wrappers (torchtitan's order).
+a single process runs the plain module. Order (torchtitan's): compile each transformer block on its
+own first (one small graph reused by every layer; the fused loss stays eager), then shard or wrap.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def init_world() -> World:
 
 def parallelize(model: nn.Module, world: World, mode: str, compile_model: bool) -> nn.Module:
     """mode: "auto" (DDP when several processes), "ddp" or "fsdp". Returns the module to train."""
+    if compile_model:
+        for block in model.layers:
+            block.compile()
     if world.size > 1:
         if mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -57,14 +60,11 @@ def parallelize(model: nn.Module, world: World, mode: str, compile_model: bool) 
 
             ids = [world.device.index] if world.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
-    if compile_model:
-        model = torch.compile(model)
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain Transformer inside DDP / torch.compile wrappers (FSDP2 shards in place)."""
-    model = getattr(model, "_orig_mod", model)
+    """The plain Transformer inside a DDP wrapper (FSDP2 shards in place, compile works per block)."""
     return getattr(model, "module", model)
 
 
