@@ -1,0 +1,64 @@
+"""Bad input fails before any work with one line naming the file or field (through the real CLI)."""
+
+from typer.testing import CliRunner
+
+from openmill.cli import app
+
+from .conftest import REPO
+
+TINY = str(REPO / "recipes" / "tiny.yaml")
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output.strip()
+
+
+def fail_line(*args) -> str:
+    code, out = run_cli(*args)
+    assert code == 2, out
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    return lines[0]
+
+
+def test_missing_file(tmp_path):
+    line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", "data.domains.en.train=[nope/en.jsonl]")
+    assert line == "error: nope/en.jsonl: file not found"
+    assert not (tmp_path / "tokenizer").exists()  # nothing ran
+
+
+def test_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "   "}\n\n')
+    line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", f"data.domains.zh.valid=[{empty}]")
+    assert line == f"error: {empty}: empty corpus (no non-empty documents) in data.domains.zh.valid"
+
+
+def test_non_utf8_file(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", f"data.domains.en.train=[{bad}]")
+    assert line.startswith(f"error: {bad}:1: not valid UTF-8")
+
+
+def test_missing_text_field(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"content": "x"}\n')
+    line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", f"data.domains.en.train=[{bad}]")
+    assert line == f"error: {bad}:1: expected a string field 'text'"
+
+
+def test_impossible_shape():
+    line = fail_line("run", TINY, "--set", "model.n_heads=8", "--set", "model.n_kv_heads=3")
+    assert line == f"error: {TINY}: model: n_heads (8) must be a positive multiple of n_kv_heads (3)"
+
+
+def test_sequence_longer_than_model():
+    line = fail_line("run", TINY, "--set", "pretrain.seq_len=4096")
+    assert line == "error: pretrain.seq_len: 4096 exceeds model.max_seq_len 512"
+
+
+def test_unknown_key():
+    line = fail_line("pretrain", TINY, "--set", "pretrain.step=3")
+    assert "pretrain.step: unknown key (did you mean 'steps'?)" in line
