@@ -47,14 +47,15 @@ class DataConfig(Strict):
 
 # ----------------------------------------------------------------------------------- tokenizer
 
-PRETOKENIZERS = ("gpt2", "cjk_chars", "cjk_chars_digits")
+# The names of openmill.pretokenizers.PRETOKENIZERS (kept here as a literal: config imports no tokenizer code).
+PRETOKENIZERS = ("gpt2", "cl100k", "cl100k_digits", "cjk_runs", "cjk_chars", "cjk_chars_digits")
 
 
 class TokenizerConfig(Strict):
     vocab_size: int = Field(8192, ge=512)
     # How text is split before BPE merges; see docs/tokenizer.md for the measured comparison.
-    pretokenizer: Literal["gpt2", "cjk_chars", "cjk_chars_digits"] = "cjk_chars_digits"
-    # Relative share of training bytes per domain (missing domains get 0).
+    pretokenizer: Literal[PRETOKENIZERS] = "cl100k"
+    # Relative share of training bytes per domain (missing domains get 0); kept exactly, see tokenizer.training_texts.
     mixture: dict[str, float] = Field(default_factory=dict)
     # Cap on the bytes of text the BPE trainer sees (taken by the mixture), to bound time.
     max_train_bytes: int = Field(20_000_000, gt=0)
@@ -65,6 +66,8 @@ class TokenizeConfig(Strict):
     workers: int = Field(2, ge=1)
     # Documents per shard file; a shard is the unit of parallelism and of restart.
     docs_per_shard: int = Field(2000, ge=1)
+    # A shard also closes once it holds this many bytes of text: memory stays bounded when documents are books.
+    max_shard_bytes: int = Field(64_000_000, gt=0)
 
 
 # --------------------------------------------------------------------------------------- model
