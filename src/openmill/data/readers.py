@@ -1,16 +1,32 @@
-"""Document readers: every stage that reads text goes through `read_documents`.
+"""Document readers: every stage that reads text goes through this module.
 
-Formats by file name: `.jsonl` (optionally `.gz`), one JSON object a line holding a text field;
-`.txt`, the whole file is one document. Documents stream: memory does not grow with the file.
+Formats, chosen by file name:
+  `.jsonl`  one JSON object a line holding a text field (and optionally an id field);
+  `.txt`    the whole file is one document;
+  `.parquet` one row per document (columns named by the text and id fields);
+each of `.jsonl` and `.txt` optionally compressed: `.gz`, `.zst`, `.xz`.
+`expand_paths` turns directories (recursive) and globs into a sorted list of such files.
+
+Documents stream: memory holds one record (and one parquet batch) at a time, never the file.
+Lines are split on raw bytes and decoded one by one, so a bad byte, a broken JSON line or a
+gigantic record costs that record only. `iter_records` yields a `BadRecord` for each such line
+(the curate stage counts them and writes them to its rejects); `read_documents` raises a
+`DataError` naming file and line (strict, the default) or skips them (`strict=False`).
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
+import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
+
+TEXT_SUFFIXES = (".jsonl", ".txt")
+COMPRESSIONS = ("", ".gz", ".zst", ".xz")
+SUFFIXES = tuple(s + c for s in TEXT_SUFFIXES for c in COMPRESSIONS) + (".parquet",)
 
 
 class DataError(ValueError):
@@ -22,65 +38,246 @@ class Document:
     text: str
     id: str  # "<file>:<line>" unless the record carries its own id
     source: str  # the file it came from
+    line: int = 0  # 1-based line (jsonl) or row (parquet) in `source`; 0 for a whole-file .txt
+    origin: str | None = None  # the record's own "source" field, when it has one (e.g. a dataset name)
 
 
-def _open_text(path: Path) -> IO[str]:
-    # errors="strict": a non-UTF-8 byte is an error that names the file, never a silent U+FFFD.
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
-    return open(path, encoding="utf-8", errors="strict")
+@dataclass(frozen=True)
+class BadRecord:
+    """A line or file that cannot become a document; `reason` is a slug, `message` one line for people."""
+
+    source: str
+    line: int
+    reason: str  # bad_utf8 | bad_json | not_an_object | missing_text_field | too_large | empty_file
+    message: str
+    raw: str = ""  # the first bytes of the offending line, decoded with replacement, for the rejects file
 
 
-def read_documents(path: str | Path, text_field: str = "text") -> Iterator[Document]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    name = path.name.removesuffix(".gz")
-    if name.endswith(".txt"):
-        try:
-            with _open_text(path) as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from None
-        if text.strip():
-            yield Document(text=text, id=str(path), source=str(path))
-        return
-    if not name.endswith(".jsonl"):
-        raise DataError(f"{path}: unknown format; expected .jsonl, .jsonl.gz, .txt or .txt.gz")
-    with _open_text(path) as f:
-        lineno = 0
-        while True:
+def _open_binary(path: Path) -> IO[bytes]:
+    name = path.name
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if name.endswith(".zst"):
+        import io
+
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
+        return io.BufferedReader(raw)  # the zstd reader has no readline(size) of its own
+    return open(path, "rb")
+
+
+def _base_name(path: Path) -> str:
+    name = path.name
+    for c in COMPRESSIONS[1:]:
+        if name.endswith(c):
+            return name[: -len(c)]
+    return name
+
+
+def _preview(raw: bytes, n: int = 200) -> str:
+    return raw[:n].decode("utf-8", errors="replace")
+
+
+def _lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(1-based line number, bytes, too_large) for each line, reading at most `max_bytes` + 1 of it."""
+    lineno = 0
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while True:  # drain the rest of the gigantic line without keeping it
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield lineno, line[:256], True
+            continue
+        yield lineno, line, False
+
+
+def _jsonl(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterator[Document | BadRecord]:
+    src = str(path)
+    with _open_binary(path) as f:
+        for lineno, raw, too_large in _lines(f, max_bytes):
+            if too_large:
+                yield BadRecord(src, lineno, "too_large", f"{src}:{lineno}: line longer than {max_bytes} bytes", _preview(raw))
+                continue
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno + 1}: not valid UTF-8 (byte {e.start} of the decoded chunk)") from None
-            if not line:
-                break
-            lineno += 1
+                yield BadRecord(src, lineno, "bad_utf8", f"{src}:{lineno}: not valid UTF-8 (byte {e.start} of the line)", _preview(raw))
+                continue
+            if lineno == 1 and line.startswith("\ufeff"):
+                line = line[1:]
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
+                yield BadRecord(src, lineno, "bad_json", f"{src}:{lineno}: not valid JSON ({e.msg})", _preview(raw))
+                continue
+            if not isinstance(record, dict):
+                yield BadRecord(src, lineno, "not_an_object", f"{src}:{lineno}: expected a JSON object", _preview(raw))
+                continue
+            text = record.get(text_field)
             if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: expected a string field {text_field!r}")
-            doc_id = record.get("id")
-            yield Document(text=text, id=str(doc_id) if doc_id is not None else f"{path}:{lineno}", source=str(path))
+                yield BadRecord(
+                    src, lineno, "missing_text_field", f"{src}:{lineno}: expected a string field {text_field!r}", _preview(raw)
+                )
+                continue
+            doc_id = record.get(id_field)
+            origin = record.get("source")
+            yield Document(
+                text=text,
+                id=str(doc_id) if doc_id is not None else f"{src}:{lineno}",
+                source=src,
+                line=lineno,
+                origin=origin if isinstance(origin, str) else None,
+            )
 
 
-def check_corpus(files: list[Path], text_field: str, where: str) -> int:
+def _txt(path: Path, max_bytes: int) -> Iterator[Document | BadRecord]:
+    src = str(path)
+    with _open_binary(path) as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        yield BadRecord(src, 0, "too_large", f"{src}: larger than {max_bytes} bytes", _preview(raw))
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield BadRecord(src, 0, "bad_utf8", f"{src}: not valid UTF-8 at byte {e.start}", _preview(raw))
+        return
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if text.strip():
+        yield Document(text=text, id=src, source=src)
+
+
+def _parquet(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterator[Document | BadRecord]:
+    import pyarrow.parquet as pq
+
+    src = str(path)
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        yield BadRecord(src, 0, "missing_text_field", f"{src}: no column {text_field!r}; columns: {', '.join(names)}")
+        return
+    columns = [text_field] + ([id_field] if id_field in names and id_field != text_field else [])
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        texts = batch.column(text_field).to_pylist()
+        ids = batch.column(id_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
+        for text, doc_id in zip(texts, ids):
+            row += 1
+            if not isinstance(text, str):
+                yield BadRecord(src, row, "missing_text_field", f"{src}:{row}: expected a string in column {text_field!r}")
+            elif len(text) > max_bytes:  # characters >= bytes / 4; a cheap first check
+                yield BadRecord(src, row, "too_large", f"{src}:{row}: text longer than {max_bytes} bytes", text[:200])
+            else:
+                yield Document(text=text, id=str(doc_id) if doc_id is not None else f"{src}:{row}", source=src, line=row)
+
+
+def iter_records(
+    path: str | Path, text_field: str = "text", id_field: str = "id", max_bytes: int = 64 << 20
+) -> Iterator[Document | BadRecord]:
+    """Every document of one file, and a `BadRecord` for every line that is not one.
+
+    `max_bytes` bounds one record (a jsonl line, a whole .txt file): a longer one is a `too_large`
+    BadRecord and is never held in memory whole. An empty file (no documents, no bad lines) yields
+    one `empty_file` BadRecord, so nothing is skipped without a trace.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    name = _base_name(path)
+    if path.name.endswith(".parquet"):
+        records = _parquet(path, text_field, id_field, max_bytes)
+    elif name.endswith(".jsonl"):
+        records = _jsonl(path, text_field, id_field, max_bytes)
+    elif name.endswith(".txt"):
+        records = _txt(path, max_bytes)
+    else:
+        raise DataError(f"{path}: unknown format; expected one of {', '.join(SUFFIXES)}")
+    empty = True
+    try:
+        for rec in records:
+            empty = False
+            yield rec
+    except (OSError, EOFError, lzma.LZMAError) as e:  # a truncated or corrupt compressed stream
+        yield BadRecord(str(path), 0, "corrupt_file", f"{path}: cannot be read to the end ({e})".replace("\n", " "))
+        return
+    if empty:
+        yield BadRecord(str(path), 0, "empty_file", f"{path}: empty (no documents)")
+
+
+def read_documents(
+    path: str | Path,
+    text_field: str = "text",
+    id_field: str = "id",
+    *,
+    strict: bool = True,
+    on_bad: Callable[[BadRecord], None] | None = None,
+    max_bytes: int = 64 << 20,
+) -> Iterator[Document]:
+    """The documents of one file. Strict: a bad line raises DataError naming file and line.
+
+    Lenient (`strict=False`): bad lines are skipped and handed to `on_bad` (to count or log them).
+    An empty file yields nothing in either mode (`check_corpus` is what rejects empty corpora).
+    """
+    for rec in iter_records(path, text_field, id_field, max_bytes):
+        if isinstance(rec, Document):
+            yield rec
+        elif rec.reason == "empty_file":
+            continue
+        elif strict:
+            raise DataError(rec.message)
+        elif on_bad is not None:
+            on_bad(rec)
+
+
+def expand_paths(patterns: list[str | Path]) -> list[Path]:
+    """Files named by paths, directories (every supported file below, recursively) and globs; sorted, unique.
+
+    A pattern that matches nothing is an error naming it: a typo must not silently shrink a corpus.
+    """
+    out: list[Path] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+        elif p.exists():
+            found = [p]
+        elif glob.has_magic(str(pattern)):
+            found = sorted(Path(f) for f in glob.glob(str(pattern), recursive=True) if Path(f).is_file())
+        else:
+            raise DataError(f"{pattern}: file not found")
+        if not found:
+            raise DataError(f"{pattern}: matches no {', '.join(SUFFIXES)} file")
+        out.extend(found)
+    seen: set[Path] = set()
+    return [f for f in out if not (f in seen or seen.add(f))]
+
+
+def check_corpus(files: list[Path], text_field: str, where: str, strict: bool = True) -> int:
     """Fail early, before any training: every file exists, decodes, and the set holds some text.
 
     Returns the number of documents. `where` names the recipe field, e.g. "data.domains.en.train".
+    With `strict=False` (raw input of the curate stage, which counts and rejects bad lines itself)
+    only missing files and a corpus with no document at all are errors.
     """
     if not files:
         raise DataError(f"{where}: no files listed")
     count = 0
-    for path in files:
-        n = sum(1 for d in read_documents(path, text_field) if d.text.strip())
-        if n == 0:
+    for path in expand_paths(files):
+        n = sum(1 for d in read_documents(path, text_field, strict=strict) if d.text.strip())
+        if n == 0 and strict:
             raise DataError(f"{path}: empty corpus (no non-empty documents) in {where}")
         count += n
+    if count == 0:
+        raise DataError(f"{where}: empty corpus (no non-empty documents)")
     return count
