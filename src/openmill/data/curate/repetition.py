@@ -30,17 +30,20 @@ def duplicate_fractions(pieces: list[str]) -> tuple[float, float]:
 
 
 def top_ngram_chars_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Characters of the most frequent n-gram times its count, over all word characters."""
+    """Max over repeated n-grams of count x characters, over all word characters.
+
+    (Gopher takes "the most common" n-gram; among equally common ones we take the longest, so the
+    value does not depend on which of the tied n-grams a dict happens to return first.)
+    """
     grams = ngram_hashes(hashes, n)
     total = int(lengths.sum())
     if len(grams) == 0 or total == 0:
         return 0.0
-    uniq, first, counts = np.unique(grams, return_index=True, return_counts=True)
-    best = int(np.argmax(counts))
-    if counts[best] < 2:
-        return 0.0
-    gram_chars = int(lengths[first[best] : first[best] + n].sum())
-    return gram_chars * int(counts[best]) / total
+    _, first, counts = np.unique(grams, return_index=True, return_counts=True)
+    cs = np.concatenate([[0], np.cumsum(lengths)])
+    chars = cs[first + n] - cs[first]
+    score = np.where(counts >= 2, counts * chars, 0)
+    return int(score.max()) / total
 
 
 def duplicated_ngram_chars_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:

@@ -148,6 +148,7 @@ def _markdown(m: dict) -> str:
 
 
 def _plots(folder: Path, signals: dict) -> None:
+    """One PNG per domain: a grid with a histogram per signal, kept and dropped documents overlaid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,21 +157,29 @@ def _plots(folder: Path, signals: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for domain, sig in signals.items():
         kept = np.concatenate(sig["kept"]) if sig["kept"] else np.zeros(0, dtype=bool)
+        series = {}
         for s in SIGNALS:
             v = np.concatenate(sig[s]) if sig[s] else np.zeros(0)
+            if (~np.isnan(v)).sum() >= 2:
+                series[s] = v
+        if not series:
+            continue
+        cols = 3
+        rows = (len(series) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), dpi=80, squeeze=False)
+        for ax in axes.flat[len(series) :]:
+            ax.axis("off")
+        for ax, (s, v) in zip(axes.flat, series.items()):
             ok = ~np.isnan(v)
-            if ok.sum() < 2:
-                continue
-            fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
             log = s in ("chars", "words")
             vals = np.log10(np.maximum(v, 1)) if log else v
-            bins = np.histogram_bin_edges(vals[ok], bins=40)
-            ax.hist(vals[ok & kept], bins=bins, alpha=0.7, label=f"kept ({int((ok & kept).sum())})")
-            ax.hist(vals[ok & ~kept], bins=bins, alpha=0.7, label=f"dropped ({int((ok & ~kept).sum())})")
-            ax.set_xlabel(f"log10 {s}" if log else s)
-            ax.set_ylabel("documents")
-            ax.set_title(f"{domain}: {s}")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(folder / f"{domain}_{s}.png")
-            plt.close(fig)
+            bins = np.histogram_bin_edges(vals[ok], bins=30)
+            ax.hist(vals[ok & kept], bins=bins, alpha=0.7, label=f"kept {int((ok & kept).sum())}")
+            ax.hist(vals[ok & ~kept], bins=bins, alpha=0.7, label=f"dropped {int((ok & ~kept).sum())}")
+            ax.set_title(f"log10 {s}" if log else s, fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"curate signals: {domain} (documents per bin)", fontsize=10)
+        fig.subplots_adjust(hspace=0.5, wspace=0.25, top=0.9)
+        fig.savefig(folder / f"{domain}.png")
+        plt.close(fig)
