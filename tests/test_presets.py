@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import LlamaForCausalLM, MistralForCausalLM
 
-from openmill.config import ModelConfig, RecipeError
+from openmill.config import ModelConfig, RecipeError, load_recipe
 from openmill.model import count_parameters
 from openmill.presets import PRESETS, PUBLISHED
 
@@ -63,17 +63,21 @@ def test_heads_not_divisible_by_kv_heads_fails_naming_both_fields():
         ModelConfig(preset="mistral-7b", n_heads=32, n_kv_heads=5).resolved()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py validates n_kv_heads against the default n_heads (8) before the preset's 32 are merged",
-)
 def test_valid_kv_override_of_a_preset_is_accepted():
     assert ModelConfig(preset="llama2-7b", n_kv_heads=16).resolved().n_kv_heads == 16
 
 
-def test_unknown_preset_fails_naming_the_choices():
+def test_unknown_preset_fails_at_load_naming_the_choices(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ndata: {domains: {en: {train: [a], valid: [b]}}}\nmodel: {preset: llama3-8b}\n")
     with pytest.raises(RecipeError) as err:
-        ModelConfig(preset="llama3-8b").resolved()
+        load_recipe(recipe)
     msg = str(err.value)
-    assert "model.preset: unknown preset 'llama3-8b'" in msg
+    assert f"{recipe}: model: unknown preset 'llama3-8b'; choices: " in msg
     assert all(name in msg for name in PRESETS)
+
+
+def test_tokenizer_vocab_beats_preset_vocab_unless_set_explicitly():
+    assert ModelConfig(preset="llama2-7b").resolved(vocab_size=8192).vocab_size == 8192
+    assert ModelConfig(preset="llama2-7b").resolved().vocab_size == 32000
+    assert ModelConfig(preset="llama2-7b", vocab_size=32768).resolved(vocab_size=8192).vocab_size == 32768

@@ -97,29 +97,41 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _shape(self):
-        kv = self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
-        if self.n_heads <= 0 or kv <= 0 or self.n_heads % kv != 0:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a positive multiple of n_kv_heads ({kv})")
-        if self.head_dim is None and self.dim % self.n_heads != 0:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) or head_dim given")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        # Check the shape the model will have: the preset's fields under the explicit ones.
+        f = self._merged_fields()
+        n_heads, dim = f.get("n_heads", self.n_heads), f.get("dim", self.dim)
+        kv = f.get("n_kv_heads") or n_heads
+        if n_heads <= 0 or kv <= 0 or n_heads % kv != 0:
+            raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads ({kv})")
+        if f.get("head_dim") is None and dim % n_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads}) or head_dim given")
+        window = f.get("sliding_window")
+        if window is not None and window <= 0:
+            raise ValueError(f"sliding_window must be positive, got {window}")
         return self
 
-    def resolved(self, vocab_size: int | None = None) -> "ModelConfig":
-        """A copy with every derived field filled (preset first, then explicit fields on top)."""
+    def _merged_fields(self) -> dict:
         from openmill.presets import PRESETS
 
         fields = self.model_dump(exclude_unset=True)
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise RecipeError(f"model.preset: unknown preset {self.preset!r}; choices: {', '.join(PRESETS)}")
-            fields = {**PRESETS[self.preset], **fields}
-        cfg = ModelConfig(**fields)
+        if self.preset is None:
+            return fields
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choices: {', '.join(PRESETS)}")
+        return {**PRESETS[self.preset], **fields}
+
+    def resolved(self, vocab_size: int | None = None) -> "ModelConfig":
+        """A copy with every derived field filled.
+
+        Precedence: explicit fields > the tokenizer's vocab_size (when given) > the preset.
+        A preset's published vocab_size only applies without a tokenizer (e.g. parameter counts).
+        """
+        fields = self._merged_fields()
+        if vocab_size is not None and "vocab_size" not in self.model_fields_set:
+            fields["vocab_size"] = vocab_size
+        cfg = ModelConfig(**{k: v for k, v in fields.items() if k != "preset"})
         if cfg.vocab_size is None:
-            if vocab_size is None:
-                raise RecipeError("model.vocab_size: not set and no tokenizer to take it from")
-            cfg.vocab_size = vocab_size
+            raise RecipeError("model.vocab_size: not set and no tokenizer to take it from")
         if cfg.n_kv_heads is None:
             cfg.n_kv_heads = cfg.n_heads
         if cfg.head_dim is None:

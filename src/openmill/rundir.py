@@ -142,8 +142,9 @@ class RunDir:
 
     def write_manifest(
         self,
-        stage: str,
+        folder: str,
         *,
+        stage: str | None = None,
         config: Any,
         fp: str,
         inputs: list[Path],
@@ -153,7 +154,7 @@ class RunDir:
     ) -> dict:
         """Record what the stage did. Outputs are hashed here, once, so the release can cite them."""
         manifest = {
-            "stage": stage,
+            "stage": stage or folder,
             "fingerprint": fp,
             "code_version": code_version(),
             "config": config,
@@ -166,5 +167,5 @@ class RunDir:
             "ended": datetime.now(timezone.utc).isoformat(),
             "seconds": round(time.time() - started, 3),
         }
-        atomic_write_json(self.root / stage / MANIFEST, manifest)
+        atomic_write_json(self.root / folder / MANIFEST, manifest)
         return manifest

@@ -31,6 +31,11 @@ class Stage:
     inputs: Callable[[Recipe], list[Path]]
     run: StageFn
     distributed: bool = False  # runs on every process under torchrun (else rank 0 only)
+    folder: str = ""  # its folder in the run directory, when not its name
+
+    @property
+    def dir(self) -> str:
+        return self.folder or self.name
 
 
 def _raw_files(recipe: Recipe) -> list[Path]:
@@ -88,7 +93,7 @@ STAGE_TABLE: dict[str, Stage] = {
     for s in (
         Stage("curate", ("seed", "data", "curate"), _raw_files, _curate),
         Stage("tokenizer", ("seed", "data", "tokenizer"), _documents, _tokenizer),
-        Stage("tokenize", ("data", "tokenize"), lambda r: [_tokenizer_path(r), *_documents(r)], _tokenize),
+        Stage("tokenize", ("data", "tokenize"), lambda r: [_tokenizer_path(r), *_documents(r)], _tokenize, folder="tokens"),
         Stage(
             "pretrain",
             ("seed", "data", "model", "pretrain"),
@@ -128,19 +133,19 @@ def run_stage(recipe: Recipe, name: str, run: RunDir, force: bool = False, log=p
     dump = recipe.model_dump(mode="json")
     config = {section: dump[section] for section in stage.sections}
     fp = fingerprint(config, stage.inputs(recipe))
-    if not force and run.is_up_to_date(name, fp):
+    if not force and run.is_up_to_date(stage.dir, fp):
         log(f"[{name}] up to date, skipped (use --force to rerun)")
-        return run.manifest(name)
+        return run.manifest(stage.dir)
     if not stage.distributed and not _is_main():
         dist.barrier()
         return None
     log(f"[{name}] running")
     started = time.time()
-    outputs, metrics = stage.run(recipe, run.stage(name))
+    outputs, metrics = stage.run(recipe, run.stage(stage.dir))
     manifest = None
     if _is_main():
         manifest = run.write_manifest(
-            name, config=config, fp=fp, inputs=stage.inputs(recipe), outputs=outputs, metrics=metrics, started=started
+            stage.dir, stage=name, config=config, fp=fp, inputs=stage.inputs(recipe), outputs=outputs, metrics=metrics, started=started
         )
         log(f"[{name}] done in {manifest['seconds']:.1f} s")
     if not stage.distributed and dist.is_initialized():

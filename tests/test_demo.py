@@ -1,0 +1,27 @@
+"""The embedded default end to end (slow: `make test-slow`): every domain's bits-per-byte halves."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from openmill.cli import app
+
+from .conftest import REPO
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    root = tmp_path / "tiny"
+    result = CliRunner().invoke(app, ["run", "recipes/tiny.yaml", "--set", f"run_dir={root}"])
+    assert result.exit_code == 0, result.output
+    pre = json.loads((root / "pretrain" / "manifest.json").read_text())["metrics"]
+    for domain, bpb in pre["val_bpb"].items():
+        assert bpb["final"] <= 0.5 * bpb["step0"], (domain, bpb)
+    samples = json.loads((root / "generate" / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["Alice was beginning to", "中华人民共和国"]
+    assert all(s["completion"].strip() for s in samples)
+    for stage, folder in (("tokenizer", "tokenizer"), ("tokenize", "tokens"), ("pretrain", "pretrain"), ("generate", "generate")):
+        manifest = json.loads((root / folder / "manifest.json").read_text())
+        assert manifest["stage"] == stage and all(len(o["sha256"]) == 64 for o in manifest["outputs"])
