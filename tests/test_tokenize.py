@@ -18,10 +18,10 @@ from openmill.pretokenizers import PRETOKENIZERS
 from openmill.rundir import sha256_path
 from openmill.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
-from .conftest import REPO
+from .conftest import DEFAULT_DATA, REPO
 
 TINY = REPO / "recipes" / "tiny.yaml"
-# Small shards so that every split has several (the valid splits hold 23 to 37 documents).
+# Small shards so that every split has several.
 SMALL = ["tokenizer.vocab_size=1024", "tokenizer.max_train_bytes=300000", "tokenize.docs_per_shard=10"]
 
 
@@ -36,10 +36,30 @@ def tokenizer_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sliced(tmp_path_factory):
+    """--set overrides for a slice of the embedded corpus (40 train, 15 valid documents per domain)."""
+    root = tmp_path_factory.mktemp("slice")
+    domains = {}
+    for domain in ("en", "zh", "code"):
+        for split, n in (("train", 40), ("valid", 15)):
+            lines = (DEFAULT_DATA / domain / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+            (root / f"{domain}-{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        domains[domain] = {s: [str(root / f"{domain}-{s}.jsonl")] for s in ("train", "valid")}
+    return [f"data.domains={json.dumps(domains)}"]
+
+
+@pytest.fixture(scope="module")
+def sliced_reference(tmp_path_factory, tokenizer_path, sliced):
+    out = tmp_path_factory.mktemp("sliced-tokens")
+    tokenize_corpus(recipe(out, "tokenize.workers=1", *sliced), tokenizer_path, out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory, tokenizer_path):
-    """One complete single-worker run: (recipe, out_dir, metrics)."""
+    """The whole embedded corpus, one worker: (recipe, out_dir, metrics)."""
     out = tmp_path_factory.mktemp("tokens")
-    r = recipe(out, "tokenize.workers=1")
+    r = recipe(out, "tokenize.workers=1", "tokenize.docs_per_shard=50")
     _, metrics = tokenize_corpus(r, tokenizer_path, out)
     return r, out, metrics
 
@@ -64,32 +84,31 @@ def test_shards_decode_back_to_every_document_each_followed_by_eos(reference, to
                 assert tokens[b - 1] == tok.eos_id and tok.eos_id not in tokens[a : b - 1]
                 assert tok.decode(tokens[a : b - 1].tolist()) == text
             index = json.loads((out / domain / split / "index.json").read_text())
-            assert index["dtype"] == "uint16" and len(index["shards"]) == -(-len(texts) // 10)
+            assert index["dtype"] == "uint16" and len(index["shards"]) == -(-len(texts) // 50)
             assert index["bytes"] == sum(len(t.encode()) for t in texts) == shards.n_bytes
             m = metrics["domains"][domain][split]
             assert (m["tokens"], m["docs"], m["bytes"]) == (index["tokens"], index["docs"], index["bytes"])
             assert m["bytes_per_token"] == pytest.approx(m["bytes"] / (m["tokens"] - m["docs"]), abs=1e-4)
 
 
-def test_same_bytes_whatever_the_worker_count(reference, tokenizer_path, tmp_path):
-    r, out, _ = reference
+def test_same_bytes_whatever_the_worker_count(sliced_reference, tokenizer_path, sliced, tmp_path):
     parallel = tmp_path / "tokens"
-    _, metrics = tokenize_corpus(recipe(tmp_path, "tokenize.workers=2"), tokenizer_path, parallel)
+    tokenize_corpus(recipe(tmp_path, "tokenize.workers=2", *sliced), tokenizer_path, parallel)
     for domain in ("en", "zh", "code"):
-        assert sha256_path(parallel / domain) == sha256_path(out / domain), domain
-    assert metrics["tokens"] == reference[2]["tokens"]
+        assert sha256_path(parallel / domain) == sha256_path(sliced_reference / domain), domain
 
 
-def test_crash_costs_only_unfinished_shards_and_resume_gives_the_same_bytes(reference, tokenizer_path, tmp_path, monkeypatch):
-    _, out, ref_metrics = reference
-    r = recipe(tmp_path, "tokenize.workers=1")
+def test_crash_costs_only_unfinished_shards_and_resume_gives_the_same_bytes(
+    sliced_reference, tokenizer_path, sliced, tmp_path, monkeypatch
+):
+    r = recipe(tmp_path, "tokenize.workers=1", *sliced)
     real = tokenize_mod._write_shard
     written = []
 
     def crash_after_five(job):
         if len(written) == 5:
             raise KeyboardInterrupt("simulated crash")
-        written.append((job.folder.parent.name, job.folder.name, job.index))
+        written.append(job.index)
         return real(job)
 
     monkeypatch.setattr(tokenize_mod, "_write_shard", crash_after_five)
@@ -100,37 +119,38 @@ def test_crash_costs_only_unfinished_shards_and_resume_gives_the_same_bytes(refe
     resumed = []
     monkeypatch.setattr(tokenize_mod, "_write_shard", lambda job: resumed.append(job.index) or real(job))
     _, metrics = tokenize_corpus(r, tokenizer_path, tmp_path / "tokens")
-    total_shards = sum(v["shards"] for d in ref_metrics["domains"].values() for v in d.values())
-    assert len(resumed) == total_shards - 5
+    total_shards = sum(v["shards"] for d in metrics["domains"].values() for v in d.values())
+    assert total_shards == 18 and len(resumed) == total_shards - 5
     assert sum(v["resumed_shards"] for d in metrics["domains"].values() for v in d.values()) == 5
     for domain in ("en", "zh", "code"):
-        assert sha256_path(tmp_path / "tokens" / domain) == sha256_path(out / domain)
+        assert sha256_path(tmp_path / "tokens" / domain) == sha256_path(sliced_reference / domain)
 
 
-def test_damaged_or_changed_shards_are_redone_and_stale_ones_removed(reference, tokenizer_path, tmp_path, monkeypatch):
-    _, out, _ = reference
+def test_damaged_or_changed_shards_are_redone_and_stale_ones_removed(
+    sliced_reference, tokenizer_path, sliced, tmp_path, monkeypatch
+):
     work = tmp_path / "tokens"
-    shutil.copytree(out, work)
+    shutil.copytree(sliced_reference, work)
     folder = work / "zh" / "valid"
     (folder / "shard_00001.bin").write_bytes(b"\0\0")  # truncated data under a valid marker
     redone = []
     real = tokenize_mod._write_shard
     monkeypatch.setattr(tokenize_mod, "_write_shard", lambda job: redone.append((job.folder, job.index)) or real(job))
-    tokenize_corpus(recipe(tmp_path, "tokenize.workers=1"), tokenizer_path, work)
+    tokenize_corpus(recipe(tmp_path, "tokenize.workers=1", *sliced), tokenizer_path, work)
     assert redone == [(folder, 1)]
-    assert sha256_path(folder) == sha256_path(out / "zh" / "valid")
+    assert sha256_path(folder) == sha256_path(sliced_reference / "zh" / "valid")
 
     # Bigger shards: every shard's text changes, so all are redone, and the old higher shards go away.
-    redone.clear()
-    tokenize_corpus(recipe(tmp_path, "tokenize.workers=1", "tokenize.docs_per_shard=1000"), tokenizer_path, work)
+    tokenize_corpus(recipe(tmp_path, "tokenize.workers=1", "tokenize.docs_per_shard=1000", *sliced), tokenizer_path, work)
     assert sorted(p.name for p in folder.iterdir()) == [
         "index.json", "shard_00000.bin", "shard_00000.done.json", "shard_00000.idx.npy"
     ]  # fmt: skip
-    assert TokenShards(folder).n_tokens == TokenShards(out / "zh" / "valid").n_tokens
+    assert TokenShards(folder).n_tokens == TokenShards(sliced_reference / "zh" / "valid").n_tokens
 
 
-def test_max_shard_bytes_closes_shards_early(tokenizer_path, tmp_path):
-    r = recipe(tmp_path, "tokenize.workers=1", "tokenize.docs_per_shard=1000", "tokenize.max_shard_bytes=20000")
+def test_max_shard_bytes_closes_shards_early(tokenizer_path, sliced, tmp_path):
+    limits = ["tokenize.workers=1", "tokenize.docs_per_shard=1000", "tokenize.max_shard_bytes=20000"]
+    r = recipe(tmp_path, *limits, *sliced)
     tokenize_corpus(r, tokenizer_path, tmp_path / "tokens")
     index = json.loads((tmp_path / "tokens" / "en" / "valid" / "index.json").read_text())
     largest_doc = max(len(t.encode()) for t in source_texts(r, "en", "valid"))

@@ -1,6 +1,7 @@
 """Tokenizer: exact round trip on every embedded document, special tokens, byte fallback, the mixture."""
 
 import json
+import pickle
 import random
 
 import jinja2
@@ -68,6 +69,9 @@ def test_special_tokens_come_only_from_ids_never_from_text(trained):
     assert framed[0] == tok.bos_id and framed[-1] == tok.eos_id and framed[1:-1] == tok.encode("hi")
     assert tok.decode(framed) == "<|bos|>hi<|eos|>"
     assert tok.encode_batch(["x", "y"], eos=True) == [tok.encode("x", eos=True), tok.encode("y", eos=True)]
+    # Still true in another process (DataLoader workers, process pools receive a pickled copy).
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.encode(text) == ids and copy.eos_id == tok.eos_id
 
 
 def test_byte_fallback_encodes_any_text_exactly(trained):

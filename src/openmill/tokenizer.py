@@ -72,6 +72,13 @@ class Tokenizer:
             raise DataError(f"{path}: not a valid tokenizer.json ({e})") from None
         return cls(hf, str(path))
 
+    def __getstate__(self) -> dict:
+        # The library does not serialise encode_special_tokens: rebuild through __init__ instead.
+        return {"json": self.hf.to_str()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(HFTokenizer.from_str(state["json"]))
+
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
