@@ -205,7 +205,9 @@ def main():
         cells = " | ".join(f"{r['bytes_per_token'][k]:.3f}" for k in HELD_OUT)
         print(f"| {r['setting']} | {r['vocab_size']} | {r['pretokenizer']} | {cells} | {r['train_seconds']} |")
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}".strip()}
-    (args.work / "results.json").write_text(json.dumps({**meta, "results": results}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (args.work / "results.json").write_text(
+        json.dumps({**meta, "results": results}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

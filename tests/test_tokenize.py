@@ -141,7 +141,9 @@ def test_damaged_or_changed_shards_are_redone_and_stale_ones_removed(
     assert sha256_path(folder) == sha256_path(sliced_reference / "zh" / "valid")
 
     # Bigger shards: every shard's text changes, so all are redone, and the old higher shards go away.
-    tokenize_corpus(recipe(tmp_path, "tokenize.workers=1", "tokenize.docs_per_shard=1000", *sliced), tokenizer_path, work)
+    tokenize_corpus(
+        recipe(tmp_path, "tokenize.workers=1", "tokenize.docs_per_shard=1000", *sliced), tokenizer_path, work
+    )
     assert sorted(p.name for p in folder.iterdir()) == [
         "index.json", "shard_00000.bin", "shard_00000.done.json", "shard_00000.idx.npy"
     ]  # fmt: skip
@@ -165,7 +167,10 @@ def test_read_crosses_shard_boundaries_and_checks_bounds(reference):
     assert len(shards.shards) > 3 and len(flat) == shards.n_tokens == len(shards)
     rng = np.random.default_rng(0)
     boundaries = shards.starts[1:-1]
-    cases = [(int(b) - 5, 10) for b in boundaries] + [(0, shards.n_tokens), (int(boundaries[0]) - 1, int(boundaries[2]) - int(boundaries[0]) + 2)]
+    cases = [(int(b) - 5, 10) for b in boundaries] + [
+        (0, shards.n_tokens),
+        (int(boundaries[0]) - 1, int(boundaries[2]) - int(boundaries[0]) + 2),
+    ]
     cases += [(int(s), int(n)) for s, n in zip(rng.integers(0, shards.n_tokens - 3000, 50), rng.integers(0, 3000, 50))]
     for start, length in cases:
         got = shards.read(start, length)
@@ -210,7 +215,9 @@ def test_dtype_follows_the_vocabulary_size(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "say hello"}) + "\n" + json.dumps({"text": ""}) + "\n")
     domains = f"data.domains={{t: {{train: [{data}], valid: [{data}]}}}}"
-    r = load_recipe(TINY, [domains, "tokenizer.mixture={}", "pretrain.mixture={}", "tokenize.workers=1", f"run_dir={tmp_path}"])
+    r = load_recipe(
+        TINY, [domains, "tokenizer.mixture={}", "pretrain.mixture={}", "tokenize.workers=1", f"run_dir={tmp_path}"]
+    )
     _, metrics = tokenize_corpus(r, path, tmp_path / "tokens")
     shards = TokenShards(tmp_path / "tokens" / "t" / "train")
     assert metrics["dtype"] == "uint32" and shards.dtype == np.uint32

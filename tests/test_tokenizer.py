@@ -109,7 +109,9 @@ def test_mixture_sets_training_bytes_and_sampling_is_seeded(tmp_path):
 
 def test_scarce_domain_lowers_the_total_to_keep_the_mixture(tmp_path):
     # 20 MB asked, but en has 1.3 MB: every domain is cut to en's amount times its weight.
-    texts, available = training_texts(recipe(tmp_path, "tokenizer.max_train_bytes=20000000", "tokenizer.mixture={en: 1.0, zh: 1.0, code: 0.5}"))
+    texts, available = training_texts(
+        recipe(tmp_path, "tokenizer.max_train_bytes=20000000", "tokenizer.mixture={en: 1.0, zh: 1.0, code: 0.5}")
+    )
     got = {d: sum(len(t.encode()) for t in ts) for d, ts in texts.items()}
     assert got["en"] == available["en"] < available["zh"]
     assert got["zh"] == pytest.approx(got["en"], abs=4) and got["code"] == pytest.approx(got["en"] / 2, abs=4)
@@ -129,7 +131,12 @@ def test_config_choices_are_the_implemented_pretokenizers():
 @pytest.mark.parametrize("name", list(PRETOKENIZERS))
 def test_every_pretokenizer_trains_round_trips_and_is_recognised(tmp_path, name):
     out = tmp_path / "tok"
-    train_tokenizer(recipe(tmp_path, f"tokenizer.pretokenizer={name}", "tokenizer.vocab_size=700", "tokenizer.max_train_bytes=150000"), out)
+    train_tokenizer(
+        recipe(
+            tmp_path, f"tokenizer.pretokenizer={name}", "tokenizer.vocab_size=700", "tokenizer.max_train_bytes=150000"
+        ),
+        out,
+    )
     tok = Tokenizer.load(out / "tokenizer.json")
     text = "第一条 为了保护人民，制定本法。\n\tdef f(x):\n        return x**2 + 12345  # It's done"
     assert tok.decode(tok.encode(text)) == text
@@ -167,7 +174,9 @@ def test_chat_encoding_matches_the_jinja_template_and_masks_replies(trained):
 
     # The template the exports ship renders text that the plain HF tokenizer (specials parsed) encodes the same.
     for generation_prompt in (False, True):
-        text = jinja2.Template(CHAT_TEMPLATE).render(messages=messages, bos_token="<|bos|>", add_generation_prompt=generation_prompt)
+        text = jinja2.Template(CHAT_TEMPLATE).render(
+            messages=messages, bos_token="<|bos|>", add_generation_prompt=generation_prompt
+        )
         plain = HFTokenizer.from_str(tok.hf.to_str())
         assert plain.encode(text, add_special_tokens=False).ids == tok.encode_chat(messages, generation_prompt)[0]
     assert tok.encode_chat(messages[:2], add_generation_prompt=True)[0][-1] == r["assistant"]

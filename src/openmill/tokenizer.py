@@ -22,8 +22,8 @@ import heapq
 import itertools
 import json
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
@@ -62,13 +62,13 @@ class Tokenizer:
         self.special_ids = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: tokenizer file not found")
         try:
             hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception with a serde message
+        except Exception as e:  # noqa: BLE001 (the library raises a bare Exception with a serde message)
             raise DataError(f"{path}: not a valid tokenizer.json ({e})") from None
         return cls(hf, str(path))
 
@@ -169,7 +169,9 @@ def new_tokenizer(pretokenizer: str) -> HFTokenizer:
     return hf
 
 
-def _sample_domain(files: list[Path], text_field: str, budget: int, seed: list[int]) -> tuple[list[tuple[float, str]], int]:
+def _sample_domain(
+    files: list[Path], text_field: str, budget: int, seed: list[int]
+) -> tuple[list[tuple[float, str]], int]:
     """A uniform random sample of documents holding at least `budget` bytes, in one streaming pass.
 
     Every document draws a key from a generator seeded by `seed`; the sample is the documents of

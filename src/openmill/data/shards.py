@@ -81,7 +81,9 @@ class TokenShards:
 
     def doc_ends(self) -> np.ndarray:
         """Global end offset of every document (int64, ascending): document i is [ends[i-1], ends[i])."""
-        parts = [np.load(self.folder / f"{Path(s['file']).stem}.idx.npy") + self.starts[i] for i, s in enumerate(self.shards)]
+        parts = [
+            np.load(self.folder / f"{Path(s['file']).stem}.idx.npy") + self.starts[i] for i, s in enumerate(self.shards)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def __getstate__(self):

@@ -22,10 +22,10 @@ import itertools
 import json
 import multiprocessing
 import os
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from rich.console import Console
@@ -126,7 +126,11 @@ def _finish_folder(folder: Path, shards: list[dict], dtype: str) -> dict:
         if path.name != INDEX and path.name not in keep and (path.name.startswith(("shard_", ".shard_"))):
             path.unlink()
     totals = {k: sum(s[k] for s in shards) for k in ("tokens", "docs", "bytes")}
-    index = {"dtype": dtype, "shards": [{k: s[k] for k in ("file", "tokens", "docs", "bytes")} for s in shards], **totals}
+    index = {
+        "dtype": dtype,
+        "shards": [{k: s[k] for k in ("file", "tokens", "docs", "bytes")} for s in shards],
+        **totals,
+    }
     atomic_write_json(folder / INDEX, index)
     return totals
 
@@ -154,7 +158,9 @@ def tokenize_corpus(recipe: Recipe, tokenizer_path: Path, out_dir: Path) -> tupl
     pool = None
     if cfg.workers > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch/tokenizer threads
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(str(tokenizer_path), False))
+        pool = ProcessPoolExecutor(
+            cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(str(tokenizer_path), False)
+        )
     else:
         _init_worker(str(tokenizer_path), True)
 
