@@ -19,7 +19,8 @@ def complete(model_dir: Path, prompts: list[str], cfg: GenerateConfig, seed: int
     for i, prompt in enumerate(prompts):
         ids = generate(
             model,
-            tok.encode(prompt, bos=True),
+            # Shards separate documents with EOS (no BOS), so EOS is what a document starts after.
+            [tok.eos_id, *tok.encode(prompt)],
             cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_k=cfg.top_k,

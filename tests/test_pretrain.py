@@ -1,0 +1,151 @@
+"""Pretraining: exact resume after a crash, corrupt-checkpoint fallback, schedules, parallel parity."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from openmill.config import PretrainConfig, load_recipe
+from openmill.stages import run_recipe
+from openmill.train import engine as engine_mod
+from openmill.train.metrics import read_metrics
+from openmill.train.schedule import lr_at
+
+from .conftest import REPO
+
+TINY = REPO / "recipes" / "tiny.yaml"
+SMALL = [
+    "tokenizer.vocab_size=1024",
+    "tokenizer.max_train_bytes=600000",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.max_seq_len=64",
+    "pretrain.seq_len=32",
+    "pretrain.batch_size=8",
+    "pretrain.grad_accum=2",
+    "pretrain.steps=12",
+    "pretrain.warmup_steps=2",
+    "pretrain.log_every=1",
+    "pretrain.eval_every=6",
+    "pretrain.eval_tokens=256",
+    "pretrain.checkpoint_every=4",
+    "pretrain.keep_checkpoints=3",
+    "pretrain.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A run directory with tokenizer and token shards of the embedded corpus (shared by the tests)."""
+    root = tmp_path_factory.mktemp("prepared") / "run"
+    recipe = load_recipe(TINY, SMALL + [f"run_dir={root}"])
+    run_recipe(recipe, ["tokenizer", "tokenize"])
+    return root
+
+
+def fresh_run(prepared, tmp_path, extra=()):
+    """A copy of the prepared run (tokenizer + tokens) with no pretraining yet."""
+    root = tmp_path / "run"
+    shutil.copytree(prepared, root)
+    return load_recipe(TINY, SMALL + [f"run_dir={root}", *extra]), root
+
+
+def losses(root):
+    return {r["step"]: r["loss"] for r in read_metrics(root / "pretrain" / "metrics.jsonl") if "loss" in r}
+
+
+def test_resume_is_bit_exact_after_crash_and_skips_corrupt_checkpoint(prepared, tmp_path, monkeypatch, capsys):
+    whole, whole_root = fresh_run(prepared, tmp_path / "a")
+    run_recipe(whole, ["pretrain"])
+    reference = losses(whole_root)
+    assert sorted(reference) == list(range(1, 13))
+
+    crashed, root = fresh_run(prepared, tmp_path / "b")
+    real_step = engine_mod.Trainer.train_step
+
+    def crash_at_step_10(self):
+        if self.state.step == 9:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self)
+
+    monkeypatch.setattr(engine_mod.Trainer, "train_step", crash_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(crashed, ["pretrain"])
+    monkeypatch.setattr(engine_mod.Trainer, "train_step", real_step)
+    ckpts = root / "pretrain" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004", "step_000008"]
+
+    # Corrupt the newest checkpoint: the run must notice and resume from step 4.
+    weights = ckpts / "step_000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    capsys.readouterr()
+    run_recipe(crashed, ["pretrain"])
+    printed = capsys.readouterr().out
+    assert "step_000008 is corrupt (model.safetensors checksum mismatch)" in printed
+    assert "resuming from" in printed and "step_000004 (step 4)" in printed
+    resumed = losses(root)
+    assert resumed == reference  # every step, bit for bit
+
+
+def test_stage_skipped_when_unchanged_and_rerun_with_force(prepared, tmp_path):
+    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=2", "pretrain.checkpoint_every=2"])
+    run_recipe(recipe, ["pretrain"])
+    messages = []
+    run_recipe(recipe, ["pretrain"], log=messages.append)
+    assert any("[pretrain] up to date, skipped" in m for m in messages)
+    manifest = json.loads((root / "pretrain" / "manifest.json").read_text())
+    assert manifest["stage"] == "pretrain" and manifest["outputs"][0]["path"] == "pretrain/final"
+    messages.clear()
+    run_recipe(recipe, ["pretrain"], force=True, log=messages.append)
+    assert any("[pretrain] running" in m for m in messages)
+
+
+def test_changed_recipe_does_not_resume_foreign_checkpoints(prepared, tmp_path, capsys):
+    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=4"])
+    run_recipe(recipe, ["pretrain"])
+    changed = load_recipe(TINY, SMALL + [f"run_dir={root}", "pretrain.steps=4", "pretrain.lr=1e-3"])
+    capsys.readouterr()
+    run_recipe(changed, ["pretrain"])
+    printed = capsys.readouterr().out
+    assert "the recipe changed" in printed and "resuming from" not in printed
+
+
+def test_schedules():
+    cos = PretrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
+    assert lr_at(55, cos) == pytest.approx(0.55) and lr_at(100, cos) == pytest.approx(0.1)
+    wsd = PretrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
+    assert lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == pytest.approx(0.0)
+
+
+def _torchrun(root, nproc, parallel, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "openmill.cli", "pretrain", str(TINY),
+        *[f"--set={s}" for s in SMALL + [f"run_dir={root}", "pretrain.steps=6", f"pretrain.parallel={parallel}"]],
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(prepared, tmp_path, parallel):
+    """2 CPU processes on gloo (same global batch) follow the single-process loss trajectory."""
+    single, single_root = fresh_run(prepared, tmp_path / "one", ["pretrain.steps=6"])
+    run_recipe(single, ["pretrain"])
+    two_root = tmp_path / "two" / "run"
+    shutil.copytree(prepared, two_root)
+    _torchrun(two_root, 2, parallel, tmp_path)
+    a, b = losses(single_root), losses(two_root)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
+    assert torch.tensor(list(a.values())).isfinite().all()
