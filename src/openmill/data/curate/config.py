@@ -42,7 +42,7 @@ class LangIdConfig(Strict):
 
     enabled: bool = True
     min_score: float = Field(0.5, ge=0, le=1)  # top-label probability below this: language unknown, rejected
-    sample_chars: int = Field(2000, gt=0)  # only the first characters are classified (speed; docs are uniform)
+    sample_chars: int = Field(1000, gt=0)  # only the first characters are classified (accuracy is 1.000 from 300 on)
 
 
 EN_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]  # Gopher's list
@@ -86,7 +86,7 @@ class RepetitionConfig(Strict):
     max_duplicated_ngram_chars_fraction: dict[int, float] = Field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
     )
-    # n (CJK characters) -> max fraction; set above the 99.5th percentile of 1,564 PRC laws
+    # n (CJK characters) -> max fraction; set above the 99th percentile of the 1,564 PRC laws
     cjk_max_top_ngram_chars_fraction: dict[int, float] = Field(default_factory=lambda: {3: 0.25, 5: 0.22, 8: 0.20})
     cjk_max_duplicated_ngram_chars_fraction: dict[int, float] = Field(
         default_factory=lambda: {10: 0.60, 15: 0.50, 20: 0.45}

@@ -174,8 +174,8 @@ def _plots(folder: Path, signals: dict) -> None:
             log = s in ("chars", "words")
             vals = np.log10(np.maximum(v, 1)) if log else v
             bins = np.histogram_bin_edges(vals[ok], bins=30)
-            ax.hist(vals[ok & kept], bins=bins, alpha=0.7, label=f"kept {int((ok & kept).sum())}")
-            ax.hist(vals[ok & ~kept], bins=bins, alpha=0.7, label=f"dropped {int((ok & ~kept).sum())}")
+            ax.hist(vals[ok & kept], bins=bins, alpha=0.7, label=f"passed filters {int((ok & kept).sum())}")
+            ax.hist(vals[ok & ~kept], bins=bins, alpha=0.7, label=f"dropped by a filter {int((ok & ~kept).sum())}")
             ax.set_title(f"log10 {s}" if log else s, fontsize=9)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=7)
