@@ -193,13 +193,17 @@ def _drop_foreign_checkpoints(root: Path, resume_key: str, log) -> None:
     barrier()
 
 
-def unwrap_full(model, raw: Transformer) -> Transformer:
-    """The plain model with full weights (FSDP2 shards in place: gather into a fresh copy)."""
+def unwrap_full(model, raw: Transformer) -> Transformer | None:
+    """The plain model with full weights (FSDP2 shards in place: gather into a fresh copy).
+
+    Collective under FSDP2; the gathered copy exists on rank 0 only (None elsewhere)."""
     if not any(type(p).__name__ == "DTensor" for p in raw.parameters()):
         return unwrap(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main_process():
+        return None
     plain = build_model(raw.cfg, device="cpu")
     plain.load_state_dict(full)
     return plain
