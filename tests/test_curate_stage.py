@@ -340,3 +340,38 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     killed_resumed = killed.model_copy(update={"curate": killed.curate.model_copy(update={"workers": 1})})
     run_curate(killed_resumed, killed.root / "curate")
     assert _outputs_bytes(killed.root / "curate") == expected
+
+
+def test_formats_directories_globs_ids_and_pii_through_the_stage(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    en = [x["text"] for x in read_jsonl(DEFAULT_DATA / "en" / "train.jsonl")[:4]]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(json.dumps({"key": "z1", "body": en[0]}).encode() + b"\n"))
+    pq.write_table(pa.table({"key": ["p1"], "body": [en[1] + "\nWrite to jane@example.org or 10.0.0.1."]}), raw / "b.parquet")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"key": "c1", "body": en[2]}) + "\n")
+    (tmp_path / "valid.jsonl").write_text(json.dumps({"key": "v1", "body": en[3]}) + "\n")
+    r = Recipe.model_validate(
+        {
+            "name": "t",
+            "run_dir": str(tmp_path / "run"),
+            "data": {"domains": {"web": {"train": [str(raw), str(tmp_path / "c.*")], "valid": [str(tmp_path / "valid.jsonl")], "text_field": "body"}}},
+            "curate": {"workers": 1, "plots": False, "languages": ["en"], "id_field": "key", "pii": {"enabled": True}},
+        }
+    )
+    _, metrics = run_curate(r, r.root / "curate")
+    docs = curated(r.root / "curate", "web", "train")
+    assert [d["id"] for d in docs] == ["z1", "p1", "c1"]
+    assert "<EMAIL>" in docs[1]["text"] and "<IP>" in docs[1]["text"] and "jane@" not in docs[1]["text"]
+    assert metrics["by_domain"]["web"]["pii_masked"] == {"emails": 1, "ip_addresses": 1, "phone_numbers": 0}
+    assert [d["id"] for d in curated(r.root / "curate", "web", "valid")] == ["v1"]
+
+
+def test_reserved_domain_name_is_refused(tmp_path):
+    files = {"rejects": {s: [DEFAULT_DATA / "en" / f"{s}.jsonl"] for s in ("train", "valid")}}
+    r = recipe_for(tmp_path, files)
+    with pytest.raises(ValueError, match="data.domains.rejects: reserved"):
+        run_curate(r, r.root / "curate")

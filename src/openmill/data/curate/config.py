@@ -162,6 +162,7 @@ class Rules(Strict):
     """Everything that may differ between domains."""
 
     languages: list[str] = Field(default_factory=list)  # ISO 639-1 codes expected; empty: any language
+    id_field: str = "id"  # record field kept as the document id (else "<file>:<line>"); the text field is data's
     # Mean length of a segmented Chinese word, in characters: CJK chars / this = words (counts, n-grams).
     cjk_chars_per_word: float = Field(1.5, gt=0)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)

@@ -33,6 +33,7 @@ from openmill.data.readers import expand_paths
 from openmill.rundir import atomic_write_bytes
 
 SPLITS = ("train", "valid")
+RESERVED = ("rejects", "work", "plots")  # folders of the stage next to the domain folders
 
 
 def _file_tasks(recipe, work: Path) -> list[FileTask]:
@@ -49,7 +50,7 @@ def _file_tasks(recipe, work: Path) -> list[FileTask]:
                         path=str(path),
                         file_index=i,
                         text_field=spec.text_field,
-                        id_field="id",
+                        id_field=rules.id_field,
                         rules=rules,
                         dedup=cfg.dedup,
                         seed=recipe.seed,
@@ -208,6 +209,9 @@ def run_curate(recipe, out_dir: Path) -> tuple[list[Path], dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg: CurateConfig = recipe.curate
+    for name in recipe.data.domains:
+        if name in RESERVED or name.startswith("."):
+            raise ValueError(f"data.domains.{name}: reserved by the curate stage's output layout; rename the domain")
     tasks = _file_tasks(recipe, out_dir / "work")
     work = _prepare(out_dir, _run_key(recipe, tasks))
     with make_executor(cfg) as ex:
