@@ -338,8 +338,12 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     done = len(list(work.rglob("*.stats.json")))
     assert done >= 3, "the run finished or failed before it could be killed"
     killed_resumed = killed.model_copy(update={"curate": killed.curate.model_copy(update={"workers": 1})})
+    stray = killed.root / "curate" / "en" / "train" / ".part-00009.jsonl.gz.tmp-99999"  # as a kill mid-write leaves
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"half")
     run_curate(killed_resumed, killed.root / "curate")
     assert _outputs_bytes(killed.root / "curate") == expected
+    assert not list((killed.root / "curate").rglob(".*"))
 
 
 def test_formats_directories_globs_ids_and_pii_through_the_stage(tmp_path):

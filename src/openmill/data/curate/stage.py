@@ -228,6 +228,8 @@ def run_curate(recipe, out_dir: Path) -> tuple[list[Path], dict]:
     ]
     if (out_dir / "plots").is_dir():
         outputs.append(out_dir / "plots")
+    for stray in out_dir.rglob(".*.tmp-*"):  # half-written files of a killed run (atomic_write's temp names)
+        stray.unlink(missing_ok=True)
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return [p for p in outputs if p.exists()], metrics
