@@ -47,10 +47,14 @@ def main() -> None:
     }
     for domain in ("en", "zh", "code"):
         sources[(domain, f"demo data/default/{domain}")] = [
-            json.loads(line)["text"] for split in ("train", "valid") for line in open(DEMO / domain / f"{split}.jsonl", encoding="utf-8")
+            json.loads(line)["text"]
+            for split in ("train", "valid")
+            for line in open(DEMO / domain / f"{split}.jsonl", encoding="utf-8")
         ]
     print(f"# {date.today()} {platform.machine()} python {platform.python_version()}\n")
-    print("| domain rules | source | docs | kept by the chain | quality+repetition keep | docs/s/core | drops (filter/reason: n) |")
+    print(
+        "| domain rules | source | docs | kept by the chain | quality+repetition keep | docs/s/core | drops (filter/reason: n) |"
+    )
     print("|---|---|---:|---:|---:|---:|---|")
     for (domain, name), docs in sources.items():
         drops, stats, rate = run(domain, docs)

@@ -77,13 +77,15 @@ def evaluate(bases: list[str], n_variants: int, cfg: DedupConfig, seed: int = 0)
     for verify in ("exact", "signature", "none"):
         c = cfg.model_copy(update={"verify": verify})
 
-        def score(pairs):
+        def score(pairs, verify=verify):
             if verify == "exact":
                 return np.array([jaccard(sh[i], sh[j]) for i, j in pairs])
             return np.array([np.mean(sigs[i] == sigs[j]) for i, j in pairs])
 
         t = time.process_time()
-        res = deduplicate(exact, band_keys(sigs, c.bands, c.rows), np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), c, score)
+        res = deduplicate(
+            exact, band_keys(sigs, c.bands, c.rows), np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), c, score
+        )
         t_dedup = time.process_time() - t
         rep = np.where(res.reason > 0, res.duplicate_of, np.arange(n))
         # every same-group pair is a predicted duplicate

@@ -47,7 +47,11 @@ def openmill_chain():
     from openmill.data.curate.quality import GopherQualityFilter
     from openmill.data.curate.repetition import GopherRepetitionFilter
 
-    steps = [LengthFilter(LengthConfig(min_chars=0)), GopherQualityFilter(QualityConfig()), GopherRepetitionFilter(RepetitionConfig())]
+    steps = [
+        LengthFilter(LengthConfig(min_chars=0)),
+        GopherQualityFilter(QualityConfig()),
+        GopherRepetitionFilter(RepetitionConfig()),
+    ]
 
     def run(text):
         doc = DocView(text)
@@ -94,8 +98,7 @@ def datatrove_minhash(tmp):
 def write_jsonl(path: Path, docs: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for i, t in enumerate(docs):
-            f.write(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(docs))
 
 
 def datatrove_end_to_end(inp: Path, work: Path) -> tuple[float, int]:
@@ -114,10 +117,28 @@ def datatrove_end_to_end(inp: Path, work: Path) -> tuple[float, int]:
     cfg = MinhashConfig()
     t = time.process_time()
     for name, tasks, pipeline in (
-        ("sig", 1, [JsonlReader(str(inp.parent), glob_pattern=inp.name), GopherQualityFilter(), GopherRepetitionFilter(), JsonlWriter(str(work / "filtered")), MinhashDedupSignature(str(work / "sigs"), config=cfg)]),
+        (
+            "sig",
+            1,
+            [
+                JsonlReader(str(inp.parent), glob_pattern=inp.name),
+                GopherQualityFilter(),
+                GopherRepetitionFilter(),
+                JsonlWriter(str(work / "filtered")),
+                MinhashDedupSignature(str(work / "sigs"), config=cfg),
+            ],
+        ),
         ("buckets", cfg.num_buckets, [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=cfg)]),
         ("cluster", 1, [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=cfg)]),
-        ("filter", 1, [JsonlReader(str(work / "filtered")), MinhashDedupFilter(str(work / "remove")), JsonlWriter(str(work / "out"))]),
+        (
+            "filter",
+            1,
+            [
+                JsonlReader(str(work / "filtered")),
+                MinhashDedupFilter(str(work / "remove")),
+                JsonlWriter(str(work / "out")),
+            ],
+        ),
     ):
         # workers=1: the tasks run one after another in this process, so process_time counts them
         LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=str(work / f"logs_{name}")).run()
@@ -140,7 +161,9 @@ def openmill_end_to_end(inp: Path, work: Path) -> tuple[float, int]:
             "curate": {
                 "workers": 1,
                 "plots": False,
-                "domains": {"en": {"langid": {"enabled": False}, "normalize": {"whitespace": False, "unicode": "none"}}},
+                "domains": {
+                    "en": {"langid": {"enabled": False}, "normalize": {"whitespace": False, "unicode": "none"}}
+                },
                 "length": {"min_chars": 0},
                 "dedup": {"num_perm": 112, "bands": 14, "rows": 8, "verify": "none"},
             },
@@ -159,15 +182,21 @@ def main() -> None:
     zh = data.sample(data.chinese_laws(4000), args.n, 0)
     tmp = Path(tempfile.mkdtemp(prefix="curate_bench_"))
     try:
-        print(f"# {date.today()} {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, python {platform.python_version()}")
-        print(f"{len(en)} English docs (mean {np.mean([len(t) for t in en]):,.0f} chars), {len(zh)} Chinese docs (mean {np.mean([len(t) for t in zh]):,.0f} chars)\n")
+        print(
+            f"# {date.today()} {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, python {platform.python_version()}"
+        )
+        print(
+            f"{len(en)} English docs (mean {np.mean([len(t) for t in en]):,.0f} chars), {len(zh)} Chinese docs (mean {np.mean([len(t) for t in zh]):,.0f} chars)\n"
+        )
         print("| measurement | openmill docs/s/core | datatrove docs/s/core | ratio |")
         print("|---|---:|---:|---:|")
         om, dt = openmill_chain(), datatrove_chain()
         om(en[0]), dt(en[0])  # load models / tokenizers outside the timing
         r_om, v_om = per_doc(om, en)
         r_dt, v_dt = per_doc(dt, en)
-        print(f"| filter chain (Gopher quality + repetition), English | {r_om:,.0f} | {r_dt:,.0f} | {r_om / r_dt:.1f}x |")
+        print(
+            f"| filter chain (Gopher quality + repetition), English | {r_om:,.0f} | {r_dt:,.0f} | {r_om / r_dt:.1f}x |"
+        )
         keep_om, keep_dt = sum(v is True for v in v_om), sum(v is True for v in v_dt)
         mo, md = openmill_minhash(), datatrove_minhash(tmp)
         mo(en[0]), md(en[0])
@@ -178,21 +207,27 @@ def main() -> None:
         write_jsonl(tmp / "in" / "valid.jsonl", en[:1])
         e_dt, kept_dt = datatrove_end_to_end(tmp / "in" / "train.jsonl", tmp / "dt")
         e_om, kept_om = openmill_end_to_end(tmp / "in" / "train.jsonl", tmp / "om")
-        print(f"| end to end JSONL -> filters -> MinHash dedup -> JSONL, English | {len(en) / e_om:,.0f} | {len(en) / e_dt:,.0f} | {e_dt / e_om:.1f}x |")
+        print(
+            f"| end to end JSONL -> filters -> MinHash dedup -> JSONL, English | {len(en) / e_om:,.0f} | {len(en) / e_dt:,.0f} | {e_dt / e_om:.1f}x |"
+        )
         zr_om, zv_om = per_doc(om, zh)
         zr_dt, zv_dt = per_doc(dt, zh)
         print(f"| filter chain, Chinese | {zr_om:,.0f} | {zr_dt:,.0f} | {zr_om / zr_dt:.1f}x |")
         print()
         from collections import Counter
 
-        drops = lambda vs: Counter(v[1] for v in vs if v is not True).most_common(4)  # noqa: E731
-        print(f"English kept by the filter chain: openmill {keep_om}/{len(en)} (drops: {drops(v_om)}), "
-              f"datatrove {keep_dt}/{len(en)} (drops: {drops(v_dt)}); after end-to-end dedup: openmill {kept_om}, datatrove {kept_dt}.")
+        drops = lambda vs: Counter(v[1] for v in vs if v is not True).most_common(4)
+        print(
+            f"English kept by the filter chain: openmill {keep_om}/{len(en)} (drops: {drops(v_om)}), "
+            f"datatrove {keep_dt}/{len(en)} (drops: {drops(v_dt)}); after end-to-end dedup: openmill {kept_om}, datatrove {kept_dt}."
+        )
 
         zk_om, zk_dt = sum(v is True for v in zv_om), sum(v is True for v in zv_dt)
         why_dt = Counter(v[1] for v in zv_dt if v is not True).most_common(3)
         why_om = Counter(v[1] for v in zv_om if v is not True).most_common(3)
-        print(f"Chinese kept by the default rules: openmill {zk_om}/{len(zh)} (drops: {why_om}), datatrove {zk_dt}/{len(zh)} (drops: {why_dt}).")
+        print(
+            f"Chinese kept by the default rules: openmill {zk_om}/{len(zh)} (drops: {why_om}), datatrove {zk_dt}/{len(zh)} (drops: {why_dt})."
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

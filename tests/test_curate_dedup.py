@@ -64,7 +64,14 @@ def test_deduplicate_exact_near_and_contamination():
     assert res.reason.tolist() == [0, 0, EXACT, NEAR, 0, 0, VALID_IN_TRAIN]
     assert res.duplicate_of.tolist() == [-1, -1, 0, 1, -1, -1, 4]
 
-    counted = deduplicate(exact, bands, valid, np.zeros(len(texts), dtype=np.int64), cfg.model_copy(update={"valid_duplicates_of_train": "count"}), sim)
+    counted = deduplicate(
+        exact,
+        bands,
+        valid,
+        np.zeros(len(texts), dtype=np.int64),
+        cfg.model_copy(update={"valid_duplicates_of_train": "count"}),
+        sim,
+    )
     assert counted.reason.tolist() == [0, 0, EXACT, NEAR, 0, 0, 0] and counted.contaminated_kept == 1
 
 

@@ -22,7 +22,11 @@ from openmill.data.curate.filters import LengthFilter
 from openmill.data.curate.langid import LanguageFilter
 from openmill.data.curate.pii import PiiMasker
 from openmill.data.curate.quality import GopherQualityFilter
-from openmill.data.curate.repetition import GopherRepetitionFilter, duplicated_ngram_chars_fraction, top_ngram_chars_fraction
+from openmill.data.curate.repetition import (
+    GopherRepetitionFilter,
+    duplicated_ngram_chars_fraction,
+    top_ngram_chars_fraction,
+)
 from openmill.data.curate.text import normalize, tokens
 
 EN = (
@@ -39,14 +43,36 @@ ZH = (
     "大家并不完全相信她的话，但男人们还是扛着沙袋出去了。到了傍晚，房屋和浑浊湍急的河水之间已经立起了一道矮墙，"
     "孩子们站在墙边，看着河面上漂过的树枝和木板，心里既害怕又好奇。"
 )
-ZH_NAMES = "北京上海广州深圳天津重庆南京杭州成都武汉西安苏州长沙郑州青岛大连宁波厦门福州济南合肥昆明贵阳南宁海口兰州银川西宁拉萨乌鲁木齐呼和浩特哈尔滨长春沈阳石家庄太原" * 2
+ZH_NAMES = (
+    "北京上海广州深圳天津重庆南京杭州成都武汉西安苏州长沙郑州青岛大连宁波厦门福州济南合肥昆明贵阳南宁海口兰州银川西宁拉萨乌鲁木齐呼和浩特哈尔滨长春沈阳石家庄太原"
+    * 2
+)
 CODE = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"
 
 
 def en_sentences(n: int) -> list[str]:
     """n distinct English sentences (numbers spelled out so every line differs in words)."""
-    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
-    return [f"The {words[i % 15]} travellers walked to the {words[(i * 7 + 3) % 15]} gates of the old town {words[i // 15]}." for i in range(n)]
+    words = [
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+    ]
+    return [
+        f"The {words[i % 15]} travellers walked to the {words[(i * 7 + 3) % 15]} gates of the old town {words[i // 15]}."
+        for i in range(n)
+    ]
 
 
 def verdict(flt, text, cpw=1.5):
@@ -101,11 +127,17 @@ def test_language_slugs():
 QUALITY_CASES = [
     ("mean_word_length_below_min", " ".join(["a an it is to of be ox"] * 10)),
     ("mean_word_length_above_max", " ".join(["incomprehensibilities notwithstanding"] * 30)),
-    ("symbol_to_word_ratio_above_max", EN + " #news #weather #flood #river #village #today #photo #storm #rain #help" * 2),
+    (
+        "symbol_to_word_ratio_above_max",
+        EN + " #news #weather #flood #river #village #today #photo #storm #rain #help" * 2,
+    ),
     ("bullet_lines_fraction_above_max", "\n".join(f"• {s}" for s in en_sentences(20))),
     ("ellipsis_lines_fraction_above_max", "\n".join(s[:-1] + "..." for s in en_sentences(10))),
     ("alpha_words_fraction_below_min", "The table of values: " + " ".join(str(1000 + 37 * i) for i in range(80))),
-    ("stop_words_below_min", " ".join("apple banana cherry orange lemon mango grape melon peach plum".split() * 8)),
+    (
+        "stop_words_below_min",
+        " ".join(["apple", "banana", "cherry", "orange", "lemon", "mango", "grape", "melon", "peach", "plum"] * 8),
+    ),
     ("stop_words_below_min", ZH_NAMES),  # Chinese text with no Chinese stop word
     ("symbol_to_word_ratio_above_max", ZH + "……" * 30),
 ]
@@ -135,21 +167,45 @@ REPETITION_CASES = [
     # lines: 2 repeats of 12 (17%), but they are long: > 20% of the characters
     ("duplicate_line_chars_fraction_above_max", {}, "\n".join(S[:10] + [EN] * 2)),
     # paragraphs: one short paragraph three times among two long multi-line ones
-    ("duplicate_paragraphs_fraction_above_max", {}, "\n\n".join(["\n".join(S[:12]), "Chapter one.", "Chapter one.", "Chapter one.", "\n".join(S[12:24])])),
+    (
+        "duplicate_paragraphs_fraction_above_max",
+        {},
+        "\n\n".join(["\n".join(S[:12]), "Chapter one.", "Chapter one.", "Chapter one.", "\n".join(S[12:24])]),
+    ),
     # paragraphs: 1 repeat of 8 (12%), but a long one
-    ("duplicate_paragraph_chars_fraction_above_max", {"max_duplicate_line_chars_fraction": 1.0}, "\n\n".join(S[:6] + [EN, EN])),
+    (
+        "duplicate_paragraph_chars_fraction_above_max",
+        {"max_duplicate_line_chars_fraction": 1.0},
+        "\n\n".join(S[:6] + [EN, EN]),
+    ),
     ("top_2gram_chars_fraction_above_max", {**OFF, "max_top_ngram_chars_fraction": {2: 0.2}}, EN + " the village" * 40),
-    ("top_3gram_chars_fraction_above_max", {**OFF, "max_top_ngram_chars_fraction": {3: 0.18}}, EN + " in the village" * 30),
-    ("top_4gram_chars_fraction_above_max", {**OFF, "max_top_ngram_chars_fraction": {4: 0.16}}, EN + " down in the village" * 25),
+    (
+        "top_3gram_chars_fraction_above_max",
+        {**OFF, "max_top_ngram_chars_fraction": {3: 0.18}},
+        EN + " in the village" * 30,
+    ),
+    (
+        "top_4gram_chars_fraction_above_max",
+        {**OFF, "max_top_ngram_chars_fraction": {4: 0.16}},
+        EN + " down in the village" * 25,
+    ),
     *[
-        (f"duplicated_{n}gram_chars_fraction_above_max", {**OFF, "max_duplicated_ngram_chars_fraction": {n: 0.1}}, " ".join(S[:6] * 2))
+        (
+            f"duplicated_{n}gram_chars_fraction_above_max",
+            {**OFF, "max_duplicated_ngram_chars_fraction": {n: 0.1}},
+            " ".join(S[:6] * 2),
+        )
         for n in range(5, 11)
     ],
     ("duplicated_5gram_chars_fraction_above_max", {}, EN + " " + EN),  # default chain: a paragraph twice
     # Chinese: character n-grams, the cjk_ tables
     ("top_3chargram_chars_fraction_above_max", {}, ZH + "中华人民" * 60),
     ("duplicated_10chargram_chars_fraction_above_max", {}, ZH + ZH + ZH),
-    ("duplicated_15chargram_chars_fraction_above_max", {**OFF, "cjk_max_duplicated_ngram_chars_fraction": {15: 0.5}}, ZH * 3),
+    (
+        "duplicated_15chargram_chars_fraction_above_max",
+        {**OFF, "cjk_max_duplicated_ngram_chars_fraction": {15: 0.5}},
+        ZH * 3,
+    ),
     ("duplicate_lines_fraction_above_max", {}, "\n".join([ZH] + ["点击关注公众号。"] * 3)),
 ]
 
@@ -204,10 +260,15 @@ def test_c4_slugs(slug, text):
 
 
 def test_c4_edits_lines():
-    text = "\n".join(["Navigation", *S[:4], "Please enable JavaScript to view the comments.", "Read our privacy policy."])
+    text = "\n".join(
+        ["Navigation", *S[:4], "Please enable JavaScript to view the comments.", "Read our privacy policy."]
+    )
     assert verdict(C4LineEditor(C4Config(enabled=True)), text) == "\n".join(S[:4])
     zh = "第一句话写得很完整。\n菜单\n第二句话也很完整！\n第三句话同样完整？"
-    assert verdict(C4LineEditor(C4Config(enabled=True, min_words_per_line=3)), zh) == "第一句话写得很完整。\n第二句话也很完整！\n第三句话同样完整？"
+    assert (
+        verdict(C4LineEditor(C4Config(enabled=True, min_words_per_line=3)), zh)
+        == "第一句话写得很完整。\n第二句话也很完整！\n第三句话同样完整？"
+    )
 
 
 CODE_CASES = [

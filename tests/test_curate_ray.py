@@ -15,8 +15,10 @@ def test_ray_matches_local_and_dedups_across_shards(tmp_path):
     # copies of early documents placed in another file and in later shards: found only by global dedup
     files = {
         "en": {
-            "train": [write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(en)]),
-                      write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "text": t} for i, t in enumerate(en[:3])])],
+            "train": [
+                write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(en)]),
+                write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "text": t} for i, t in enumerate(en[:3])]),
+            ],
             "valid": [write_jsonl(tmp_path / "v.jsonl", [{"id": "v", "text": en[29] + " The end."}])],
         }
     }

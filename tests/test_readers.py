@@ -7,7 +7,15 @@ import lzma
 import pytest
 import zstandard
 
-from openmill.data.readers import BadRecord, DataError, Document, check_corpus, expand_paths, iter_records, read_documents
+from openmill.data.readers import (
+    BadRecord,
+    DataError,
+    Document,
+    check_corpus,
+    expand_paths,
+    iter_records,
+    read_documents,
+)
 
 GOOD = [{"id": "a", "text": "first document", "source": "demo"}, {"text": "second document"}]
 BAD_LINES = [

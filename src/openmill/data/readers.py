@@ -20,9 +20,10 @@ import glob
 import gzip
 import json
 import lzma
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
 COMPRESSIONS = ("", ".gz", ".zst", ".xz")
@@ -104,12 +105,20 @@ def _jsonl(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterat
     with _open_binary(path) as f:
         for lineno, raw, too_large in _lines(f, max_bytes):
             if too_large:
-                yield BadRecord(src, lineno, "too_large", f"{src}:{lineno}: line longer than {max_bytes} bytes", _preview(raw))
+                yield BadRecord(
+                    src, lineno, "too_large", f"{src}:{lineno}: line longer than {max_bytes} bytes", _preview(raw)
+                )
                 continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield BadRecord(src, lineno, "bad_utf8", f"{src}:{lineno}: not valid UTF-8 (byte {e.start} of the line)", _preview(raw))
+                yield BadRecord(
+                    src,
+                    lineno,
+                    "bad_utf8",
+                    f"{src}:{lineno}: not valid UTF-8 (byte {e.start} of the line)",
+                    _preview(raw),
+                )
                 continue
             if lineno == 1 and line.startswith("\ufeff"):
                 line = line[1:]
@@ -126,7 +135,11 @@ def _jsonl(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterat
             text = record.get(text_field)
             if not isinstance(text, str):
                 yield BadRecord(
-                    src, lineno, "missing_text_field", f"{src}:{lineno}: expected a string field {text_field!r}", _preview(raw)
+                    src,
+                    lineno,
+                    "missing_text_field",
+                    f"{src}:{lineno}: expected a string field {text_field!r}",
+                    _preview(raw),
                 )
                 continue
             doc_id = record.get(id_field)
@@ -152,8 +165,7 @@ def _txt(path: Path, max_bytes: int) -> Iterator[Document | BadRecord]:
     except UnicodeDecodeError as e:
         yield BadRecord(src, 0, "bad_utf8", f"{src}: not valid UTF-8 at byte {e.start}", _preview(raw))
         return
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     if text.strip():
         yield Document(text=text, id=src, source=src)
 
@@ -175,11 +187,15 @@ def _parquet(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iter
         for text, doc_id in zip(texts, ids):
             row += 1
             if not isinstance(text, str):
-                yield BadRecord(src, row, "missing_text_field", f"{src}:{row}: expected a string in column {text_field!r}")
+                yield BadRecord(
+                    src, row, "missing_text_field", f"{src}:{row}: expected a string in column {text_field!r}"
+                )
             elif len(text) > max_bytes:  # characters >= bytes / 4; a cheap first check
                 yield BadRecord(src, row, "too_large", f"{src}:{row}: text longer than {max_bytes} bytes", text[:200])
             else:
-                yield Document(text=text, id=str(doc_id) if doc_id is not None else f"{src}:{row}", source=src, line=row)
+                yield Document(
+                    text=text, id=str(doc_id) if doc_id is not None else f"{src}:{row}", source=src, line=row
+                )
 
 
 def iter_records(

@@ -13,8 +13,8 @@ group keeps its lowest-numbered member. Memory: (n, bands) uint64 keys plus the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -42,6 +42,7 @@ class PiiMasker:
             text, n4 = IPV4_RE.subn(c.ip_replacement, text)
             n6 = 0
             if ":" in text:
+
                 def sub6(m: re.Match) -> str:
                     nonlocal n6
                     if _valid_ipv6(m):

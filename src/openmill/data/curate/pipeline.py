@@ -37,7 +37,10 @@ class StepStats:
     dropped: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out")}, "dropped": dict(self.dropped)}
+        return {
+            **{k: getattr(self, k) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out")},
+            "dropped": dict(self.dropped),
+        }
 
 
 def build_steps(rules: Rules) -> list:

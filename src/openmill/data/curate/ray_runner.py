@@ -7,7 +7,7 @@ written by the tasks into the run directory, which must be shared storage on a r
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from openmill.data.curate.executor import _progress
 

@@ -125,7 +125,10 @@ def _markdown(m: dict) -> str:
                 f"| {s['bytes_in']:,} | {s['bytes_out']:,} |"
             )
     lines += ["", "## By filter (in pipeline order) and domain", ""]
-    lines += ["| domain | filter | docs in | dropped | bytes in | bytes out | reasons |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += [
+        "| domain | filter | docs in | dropped | bytes in | bytes out | reasons |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for name, d in m["by_domain"].items():
         steps = [("reader", d["reader"]), *d["filters"].items(), ("dedup", d["dedup"])]
         for fname, s in steps:

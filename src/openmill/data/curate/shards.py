@@ -166,7 +166,9 @@ def filter_file(task: FileTask) -> int:
             c.rejects.append(_reject(task, rec, out.filter, out.reason, rec.text))
             continue
         text = out.doc.text
-        c.kept.append({"id": rec.id, "source": rec.origin or rec.source, "text": text, "file": rec.source, "line": rec.line})
+        c.kept.append(
+            {"id": rec.id, "source": rec.origin or rec.source, "text": text, "file": rec.source, "line": rec.line}
+        )
         c.exact.append(exact_hash(text))
         d = task.dedup
         c.sigs.append(hasher.signature(shingles(out.doc, d.shingle_words, d.shingle_cjk_chars)))

@@ -108,7 +108,7 @@ def _load_index(chunks, domain_ids):
         valid.append(np.full(m, t.split == "valid"))
         dom.append(np.full(m, domain_ids[t.domain], dtype=np.int64))
         owner.append(np.stack([np.full(m, k), np.arange(m)], axis=1))
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)
     return (
         cat(exact, (0,)).astype(np.uint64),
         cat(bands, (0, 1)).astype(np.uint64),
@@ -129,7 +129,7 @@ def _similarity_fn(chunks, owner, cfg: CurateConfig):
             by_chunk.setdefault(int(owner[g, 0]), []).append(int(g))
         data: dict[int, np.ndarray] = {}
         for k, gs in by_chunk.items():
-            t, stem = chunks[k]
+            _, stem = chunks[k]
             if d.verify == "exact":
                 docs = read_gzip_jsonl(stem.with_name(stem.name + ".kept.jsonl.gz"))
                 for g in gs:
@@ -176,7 +176,7 @@ def _part_tasks(out_dir: Path, work: Path, chunks, dd, cfg: CurateConfig) -> lis
     def doc_id(g: int) -> str:
         k = int(owner[g, 0])
         if k not in ids_cache:
-            t, stem = chunks[k]
+            _, stem = chunks[k]
             ids_cache[k] = [r["id"] for r in read_gzip_jsonl(stem.with_name(stem.name + ".kept.jsonl.gz"))]
         return ids_cache[k][int(owner[g, 1])]
 
