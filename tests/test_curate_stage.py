@@ -317,6 +317,8 @@ def test_bad_input_is_counted_and_rejected_with_file_and_line(tmp_path):
         ("train.jsonl", 5, "too_large"),
     ]
     assert [x["id"] for x in curated(out, "en", "train")] == [good[0]["id"], good[1]["id"]]
+    reader = metrics["by_domain"]["en"]["reader"]
+    assert reader["bytes_in"] - reader["bytes_out"] > 2_700_000  # the gigantic line is counted, not held
 
     strict = recipe_for(tmp_path / "strict", files, strict=True)
     with pytest.raises(DataError, match=rf"^{re.escape(str(train))}:2: not valid JSON"):

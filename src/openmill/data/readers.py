@@ -52,6 +52,7 @@ class BadRecord:
     reason: str  # bad_utf8 | bad_json | not_an_object | missing_text_field | too_large | empty_file
     message: str
     raw: str = ""  # the first bytes of the offending line, decoded with replacement, for the rejects file
+    nbytes: int = 0  # size of the offending line or file, so reports can count the bytes that were dropped
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -82,43 +83,41 @@ def _preview(raw: bytes, n: int = 200) -> str:
     return raw[:n].decode("utf-8", errors="replace")
 
 
-def _lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
-    """(1-based line number, bytes, too_large) for each line, reading at most `max_bytes` + 1 of it."""
+def _lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes, int]]:
+    """(1-based line number, bytes, size) per line, holding at most `max_bytes` + 1 of it.
+
+    A line longer than `max_bytes` comes back cut to its first 256 bytes, with its full size.
+    """
     lineno = 0
     while True:
         line = f.readline(max_bytes + 1)
         if not line:
             return
         lineno += 1
-        if len(line) > max_bytes and not line.endswith(b"\n"):
+        size = len(line)
+        if size > max_bytes and not line.endswith(b"\n"):
             while True:  # drain the rest of the gigantic line without keeping it
                 rest = f.readline(1 << 20)
+                size += len(rest)
                 if not rest or rest.endswith(b"\n"):
                     break
-            yield lineno, line[:256], True
-            continue
-        yield lineno, line, False
+            line = line[:256]
+        yield lineno, line, size
 
 
 def _jsonl(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterator[Document | BadRecord]:
     src = str(path)
     with _open_binary(path) as f:
-        for lineno, raw, too_large in _lines(f, max_bytes):
-            if too_large:
-                yield BadRecord(
-                    src, lineno, "too_large", f"{src}:{lineno}: line longer than {max_bytes} bytes", _preview(raw)
-                )
+        for lineno, raw, size in _lines(f, max_bytes):
+            if size > max_bytes:
+                msg = f"{src}:{lineno}: line of {size} bytes, longer than max {max_bytes}"
+                yield BadRecord(src, lineno, "too_large", msg, _preview(raw), size)
                 continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield BadRecord(
-                    src,
-                    lineno,
-                    "bad_utf8",
-                    f"{src}:{lineno}: not valid UTF-8 (byte {e.start} of the line)",
-                    _preview(raw),
-                )
+                msg = f"{src}:{lineno}: not valid UTF-8 (byte {e.start} of the line)"
+                yield BadRecord(src, lineno, "bad_utf8", msg, _preview(raw), size)
                 continue
             if lineno == 1 and line.startswith("\ufeff"):
                 line = line[1:]
@@ -127,20 +126,16 @@ def _jsonl(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterat
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                yield BadRecord(src, lineno, "bad_json", f"{src}:{lineno}: not valid JSON ({e.msg})", _preview(raw))
+                yield BadRecord(src, lineno, "bad_json", f"{src}:{lineno}: not valid JSON ({e.msg})", _preview(raw), size)
                 continue
             if not isinstance(record, dict):
-                yield BadRecord(src, lineno, "not_an_object", f"{src}:{lineno}: expected a JSON object", _preview(raw))
+                msg = f"{src}:{lineno}: expected a JSON object"
+                yield BadRecord(src, lineno, "not_an_object", msg, _preview(raw), size)
                 continue
             text = record.get(text_field)
             if not isinstance(text, str):
-                yield BadRecord(
-                    src,
-                    lineno,
-                    "missing_text_field",
-                    f"{src}:{lineno}: expected a string field {text_field!r}",
-                    _preview(raw),
-                )
+                msg = f"{src}:{lineno}: expected a string field {text_field!r}"
+                yield BadRecord(src, lineno, "missing_text_field", msg, _preview(raw), size)
                 continue
             doc_id = record.get(id_field)
             origin = record.get("source")
@@ -158,12 +153,12 @@ def _txt(path: Path, max_bytes: int) -> Iterator[Document | BadRecord]:
     with _open_binary(path) as f:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        yield BadRecord(src, 0, "too_large", f"{src}: larger than {max_bytes} bytes", _preview(raw))
+        yield BadRecord(src, 0, "too_large", f"{src}: larger than {max_bytes} bytes", _preview(raw), path.stat().st_size)
         return
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        yield BadRecord(src, 0, "bad_utf8", f"{src}: not valid UTF-8 at byte {e.start}", _preview(raw))
+        yield BadRecord(src, 0, "bad_utf8", f"{src}: not valid UTF-8 at byte {e.start}", _preview(raw), len(raw))
         return
     text = text.removeprefix("\ufeff")
     if text.strip():
@@ -191,7 +186,8 @@ def _parquet(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iter
                     src, row, "missing_text_field", f"{src}:{row}: expected a string in column {text_field!r}"
                 )
             elif len(text) > max_bytes:  # characters >= bytes / 4; a cheap first check
-                yield BadRecord(src, row, "too_large", f"{src}:{row}: text longer than {max_bytes} bytes", text[:200])
+                msg = f"{src}:{row}: text longer than {max_bytes} bytes"
+                yield BadRecord(src, row, "too_large", msg, text[:200], len(text.encode("utf-8", "replace")))
             else:
                 yield Document(
                     text=text, id=str(doc_id) if doc_id is not None else f"{src}:{row}", source=src, line=row

@@ -52,8 +52,8 @@ def build_report(out_dir: Path, recipe, chunks, dd, plots: bool = True) -> dict:
         d["reader"]["docs_in"] += st["records"]
         d["reader"]["docs_out"] += st["records"] - bad
         d["reader"]["dropped"].update(st["reader"])
-        d["reader"]["bytes_out"] += st["bytes_in"]  # bytes of the records that decoded
-        d["reader"]["bytes_in"] += st["bytes_in"]  # (undecodable lines have no text to count)
+        d["reader"]["bytes_in"] += st["bytes_in"] + st["bad_bytes"]  # texts + raw size of bad lines
+        d["reader"]["bytes_out"] += st["bytes_in"]
         for name, step in st["steps"].items():
             _add(d["filters"].setdefault(name, _blank()), step)
         d["pii_masked"].update(st["pii_masked"])
@@ -72,7 +72,7 @@ def build_report(out_dir: Path, recipe, chunks, dd, plots: bool = True) -> dict:
             },
         )
         sp["docs_in"] += st["records"]
-        sp["bytes_in"] += st["bytes_in"]
+        sp["bytes_in"] += st["bytes_in"] + st["bad_bytes"]
         sp["docs_out"] += int((r == 0).sum())
         sp["bytes_out"] += int(kept_bytes[r == 0].sum())
         sig = signals.setdefault(t.domain, {s: [] for s in (*SIGNALS, "kept")})

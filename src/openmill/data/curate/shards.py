@@ -83,7 +83,8 @@ class _Chunk:
     signals: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SIGNALS})
     signal_kept: list[bool] = field(default_factory=list)
     records: int = 0
-    bytes_in: int = 0
+    bytes_in: int = 0  # UTF-8 bytes of the texts of the records that are documents
+    bad_bytes: int = 0  # raw bytes of the records that are not
     reader: dict[str, int] = field(default_factory=dict)
 
 
@@ -124,6 +125,7 @@ def _flush(task: FileTask, chunk_index: int, c: _Chunk, pipe: DomainPipeline, ha
     stats = {
         "records": c.records,
         "bytes_in": c.bytes_in,
+        "bad_bytes": c.bad_bytes,
         "kept": len(c.kept),
         "reader": c.reader,
         "steps": {name: s.as_dict() for name, s in pipe.stats.items()},
@@ -154,6 +156,7 @@ def filter_file(task: FileTask) -> int:
             if task.strict:
                 raise DataError(rec.message)
             c.reader[rec.reason] = c.reader.get(rec.reason, 0) + 1
+            c.bad_bytes += rec.nbytes
             c.rejects.append(_reject(task, rec, "reader", rec.reason, rec.raw, rec.message))
             continue
         c.bytes_in += len(rec.text.encode("utf-8"))
