@@ -329,7 +329,8 @@ def test_bad_input_is_counted_and_rejected_with_file_and_line(tmp_path):
 
 
 def _outputs_bytes(out: Path) -> dict:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.jsonl.gz"))}
+    files = (p for p in sorted(out.rglob("*.jsonl.gz")) if "work" not in p.relative_to(out).parts)
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
 RUNNER = """
@@ -366,15 +367,17 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the stage and its worker processes
     proc.wait()
-    done = len(list(work.rglob("*.stats.json")))
-    assert done >= 3, "the run finished or failed before it could be killed"
-    killed_resumed = killed.model_copy(update={"curate": killed.curate.model_copy(update={"workers": 1})})
+    finished = {p: p.stat().st_mtime_ns for p in work.rglob("*.stats.json")}
+    assert len(finished) >= 3, "the run finished or failed before it could be killed"
+    # resume with another worker count (not part of the work's key) and keep work/ to inspect it
+    resumed = killed.model_copy(update={"curate": killed.curate.model_copy(update={"workers": 1, "keep_work": True})})
     stray = killed.root / "curate" / "en" / "train" / ".part-00009.jsonl.gz.tmp-99999"  # as a kill mid-write leaves
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"half")
-    run_curate(killed_resumed, killed.root / "curate")
+    run_curate(resumed, killed.root / "curate")
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # finished chunks were not redone
     assert _outputs_bytes(killed.root / "curate") == expected
-    assert not list((killed.root / "curate").rglob(".*"))
+    assert not list((killed.root / "curate").rglob(".*.tmp-*"))
 
 
 def test_formats_directories_globs_ids_and_pii_through_the_stage(tmp_path):

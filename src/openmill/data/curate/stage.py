@@ -64,8 +64,13 @@ def _file_tasks(recipe, work: Path) -> list[FileTask]:
     return tasks
 
 
+# How the work is run, not what it produces: a resumed run may change them (and the outputs do not).
+_RUN_ONLY = {"workers", "executor", "ray_address", "keep_work", "plots"}
+
+
 def _run_key(recipe, tasks: list[FileTask]) -> str:
-    h = hashlib.sha256(json.dumps(recipe.curate.model_dump(mode="json"), sort_keys=True).encode())
+    rules = recipe.curate.model_dump(mode="json", exclude=_RUN_ONLY)
+    h = hashlib.sha256(json.dumps(rules, sort_keys=True).encode())
     h.update(f"seed={recipe.seed}\n".encode())
     for t in tasks:
         st = os.stat(t.path)
