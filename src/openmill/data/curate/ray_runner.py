@@ -32,6 +32,12 @@ class RayExecutor:
         if self.started:
             self.ray.shutdown()
 
+    def filter_files(self, tasks: Sequence) -> int:
+        """Phase 1: one task per input file; each node reads its own files."""
+        from openmill.data.curate.shards import filter_file
+
+        return sum(self.run(filter_file, tasks, "curate: filter (files)"))
+
     def run(self, fn: Callable, tasks: Sequence, label: str, weights: Sequence[int] | None = None) -> list:
         if not tasks:
             return []

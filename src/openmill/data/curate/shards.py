@@ -1,12 +1,14 @@
 """The two per-shard jobs of the curate stage, plain functions that any executor (process pool, Ray) runs.
 
-`filter_file`: read one input file, cut its records into chunks of `docs_per_shard`, and for each
-chunk run the domain pipeline and write to work/filter/<domain>/<split>/<file>-<chunk>.*:
+`filter_chunk`: one chunk of `docs_per_shard` records of an input file (`file_chunks` cuts them)
+through the domain pipeline, written to work/filter/<domain>/<split>/<file>-<chunk>.*:
   kept.jsonl.gz  the documents that passed, normalized (and masked)
   rejects.jsonl.gz  every record dropped by the reader or a filter, with file, line, filter, reason
   dedup.npz  exact hash, MinHash signature and LSH band keys of each kept document; signals
   stats.json  counters; written last, it is the chunk's completion marker
 A rerun skips chunks whose marker exists (the records are still read to find the next chunk).
+`filter_file` does a whole file in one call (a Ray task); the local executor reads files in the
+main process and hands chunks to its workers, so even a single file uses every core.
 
 `write_part`: one chunk's kept documents minus those dedup dropped -> the clean part, and the
 chunk's rejects plus its dedup rejects -> the rejects part; a marker in work/ records completion.
@@ -19,6 +21,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +107,7 @@ def _reject(task: FileTask, rec, filter_name: str, reason: str, text: str, messa
     return out
 
 
-def _flush(task: FileTask, chunk_index: int, c: _Chunk, pipe: DomainPipeline, hasher: MinHasher) -> None:
+def _flush(task: FileTask, chunk_index: int, c: _Chunk, pipe: DomainPipeline) -> None:
     stem = task.chunk_stem(chunk_index)
     stem.parent.mkdir(parents=True, exist_ok=True)
     d = task.dedup
@@ -134,24 +137,30 @@ def _flush(task: FileTask, chunk_index: int, c: _Chunk, pipe: DomainPipeline, ha
     atomic_write_json(stem.with_name(stem.name + ".stats.json"), stats)  # last: the completion marker
 
 
-def filter_file(task: FileTask) -> int:
-    """Run phase 1 on one input file; returns the number of records read. Skips completed chunks."""
+def file_chunks(task: FileTask) -> Iterator[tuple[int, list]]:
+    """(chunk index, records) of one input file: `docs_per_shard` records a chunk, bad ones included."""
+    chunk: list = []
+    index = 0
+    for rec in iter_records(task.path, task.text_field, task.id_field, task.max_record_bytes):
+        chunk.append(rec)
+        if len(chunk) == task.docs_per_shard:
+            yield index, chunk
+            chunk, index = [], index + 1
+    if chunk or index == 0:
+        yield index, chunk
+
+
+def chunk_done(task: FileTask, chunk_index: int) -> bool:
+    return _done(task.chunk_stem(chunk_index))
+
+
+def filter_chunk(task: FileTask, chunk_index: int, records: list) -> int:
+    """Phase 1 on one chunk: normalize, filter, sign, write its four files (stats last). Returns len(records)."""
     hasher = MinHasher(task.dedup.num_perm, task.seed)
-    chunk_index, c, pipe, skipping = 0, _Chunk(), None, _done(task.chunk_stem(0))
-    total = 0
-    records = iter_records(task.path, task.text_field, task.id_field, task.max_record_bytes)
+    pipe = DomainPipeline(task.rules)
+    c = _Chunk(records=len(records))
+    d = task.dedup
     for rec in records:
-        total += 1
-        if c.records == task.docs_per_shard:
-            if not skipping:
-                _flush(task, chunk_index, c, pipe, hasher)
-            chunk_index, c, pipe = chunk_index + 1, _Chunk(), None
-            skipping = _done(task.chunk_stem(chunk_index))
-        c.records += 1
-        if skipping:
-            continue
-        if pipe is None:  # fresh counters per chunk: each chunk's stats stand alone
-            pipe = DomainPipeline(task.rules)
         if isinstance(rec, BadRecord):
             if task.strict:
                 raise DataError(rec.message)
@@ -173,10 +182,18 @@ def filter_file(task: FileTask) -> int:
             {"id": rec.id, "source": rec.origin or rec.source, "text": text, "file": rec.source, "line": rec.line}
         )
         c.exact.append(exact_hash(text))
-        d = task.dedup
         c.sigs.append(hasher.signature(shingles(out.doc, d.shingle_words, d.shingle_cjk_chars)))
-    if not skipping:
-        _flush(task, chunk_index, c, pipe or DomainPipeline(task.rules), hasher)
+    _flush(task, chunk_index, c, pipe)
+    return len(records)
+
+
+def filter_file(task: FileTask) -> int:
+    """Phase 1 on a whole input file (one Ray task); skips completed chunks. Returns the records read."""
+    total = 0
+    for index, records in file_chunks(task):
+        total += len(records)
+        if not chunk_done(task, index):
+            filter_chunk(task, index, records)
     return total
 
 

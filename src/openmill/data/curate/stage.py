@@ -4,7 +4,7 @@
 
 Three phases, each resumable at shard granularity (a killed run redoes at most one shard per
 worker):
-  1. filter  (parallel over input files) — read, normalize, filter, sign; work/filter/...
+  1. filter  (parallel over chunks)      — read, normalize, filter, sign; work/filter/...
   2. dedup   (one process, global)       — exact + MinHash-LSH over all kept docs; work/dedup.npz
   3. write   (parallel over chunks)      — <domain>/<split>/part-XXXXX.jsonl.gz, rejects/...
 then the report (report.json, report.md, plots/*.png). The work/ folder is stamped with a key of
@@ -28,7 +28,7 @@ from openmill.data.curate.doc import DocView
 from openmill.data.curate.executor import make_executor
 from openmill.data.curate.minhash import jaccard, shingles
 from openmill.data.curate.report import build_report
-from openmill.data.curate.shards import FileTask, PartTask, filter_file, read_gzip_jsonl, write_part
+from openmill.data.curate.shards import FileTask, PartTask, read_gzip_jsonl, write_part
 from openmill.data.readers import expand_paths
 from openmill.rundir import atomic_write_bytes
 
@@ -220,7 +220,7 @@ def run_curate(recipe, out_dir: Path) -> tuple[list[Path], dict]:
     tasks = _file_tasks(recipe, out_dir / "work")
     work = _prepare(out_dir, _run_key(recipe, tasks))
     with make_executor(cfg) as ex:
-        ex.run(filter_file, tasks, "curate: filter", weights=[os.path.getsize(t.path) for t in tasks])
+        ex.filter_files(tasks)
         chunks = _chunks(tasks)
         dd = _dedup(work, chunks, recipe)
         parts = _part_tasks(out_dir, work, chunks, dd, cfg)
