@@ -17,7 +17,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from openmill.config import Recipe, RecipeError
-from openmill.data.readers import check_corpus
+from openmill.data.readers import check_corpus, expand_paths
 from openmill.data.sources import document_files
 from openmill.rundir import RunDir, atomic_write_text, fingerprint
 
@@ -39,7 +39,7 @@ class Stage:
 
 
 def _raw_files(recipe: Recipe) -> list[Path]:
-    return [p for d in recipe.data.domains.values() for p in (*d.train, *d.valid)]
+    return expand_paths([p for d in recipe.data.domains.values() for p in (*d.train, *d.valid)])
 
 
 def _documents(recipe: Recipe) -> list[Path]:
@@ -108,9 +108,13 @@ STAGE_TABLE: dict[str, Stage] = {
 
 def preflight(recipe: Recipe) -> None:
     """Everything that can be checked before any work, each failure one line naming the field or file."""
+    # The curate stage counts and rejects bad lines itself (unless curate.strict): there, only
+    # missing files and empty corpora stop the run before it starts.
+    strict = "curate" not in recipe.stages or recipe.curate.strict
     for name, domain in recipe.data.domains.items():
         for split in ("train", "valid"):
-            check_corpus(list(getattr(domain, split)), domain.text_field, f"data.domains.{name}.{split}")
+            where = f"data.domains.{name}.{split}"
+            check_corpus(list(getattr(domain, split)), domain.text_field, where, strict=strict)
     p, m = recipe.pretrain, recipe.model
     try:
         model = m.resolved(vocab_size=m.vocab_size or recipe.tokenizer.vocab_size)

@@ -291,5 +291,6 @@ def check_corpus(files: list[Path], text_field: str, where: str, strict: bool = 
             raise DataError(f"{path}: empty corpus (no non-empty documents) in {where}")
         count += n
     if count == 0:
-        raise DataError(f"{where}: empty corpus (no non-empty documents)")
+        names = ", ".join(str(f) for f in files)
+        raise DataError(f"{names}: empty corpus (no non-empty documents) in {where}")
     return count

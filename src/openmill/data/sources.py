@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from openmill.config import Recipe
+from openmill.data.readers import expand_paths
 
 
 def curated_dir(run_root: Path, domain: str, split: str) -> Path:
@@ -22,4 +23,4 @@ def document_files(recipe: Recipe, domain: str, split: str) -> tuple[list[Path],
         files = sorted(curated_dir(recipe.root, domain, split).glob("*.jsonl*"))
         return files, "text"
     spec = recipe.data.domains[domain]
-    return list(getattr(spec, split)), spec.text_field
+    return expand_paths(list(getattr(spec, split))), spec.text_field
