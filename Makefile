@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow setup setup-dev clean
+.PHONY: demo test test-slow setup setup-dev setup-slow clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -19,9 +19,12 @@ demo: setup
 test: setup-dev
 	$(PY) -m pytest -q
 
-## Slow and optional checks (long trainings, external parity).
-test-slow: setup-dev
+## Slow and optional checks (the whole tiny pipeline, Ray's local mode).
+test-slow: setup-slow
 	$(PY) -m pytest -q -m slow
+
+setup-slow:
+	@bash scripts/setup_env.sh dev,ray
 
 clean:
 	rm -rf runs/ .pytest_cache
