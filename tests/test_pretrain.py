@@ -19,6 +19,7 @@ from .conftest import REPO
 
 TINY = REPO / "recipes" / "tiny.yaml"
 SMALL = [
+    "stages=[tokenizer,tokenize,pretrain,generate]",  # these tests read the raw corpus, not curated output
     "tokenizer.vocab_size=1024",
     "tokenizer.max_train_bytes=600000",
     "model.dim=64",

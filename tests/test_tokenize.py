@@ -22,7 +22,7 @@ from .conftest import DEFAULT_DATA, REPO
 
 TINY = REPO / "recipes" / "tiny.yaml"
 # Small shards so that every split has several.
-SMALL = ["tokenizer.vocab_size=1024", "tokenizer.max_train_bytes=300000", "tokenize.docs_per_shard=10"]
+SMALL = ["stages=[tokenizer,tokenize]", "tokenizer.vocab_size=1024", "tokenizer.max_train_bytes=300000", "tokenize.docs_per_shard=10"]
 
 
 def recipe(tmp_path, *overrides):
@@ -216,7 +216,7 @@ def test_dtype_follows_the_vocabulary_size(tmp_path):
     data.write_text(json.dumps({"text": "say hello"}) + "\n" + json.dumps({"text": ""}) + "\n")
     domains = f"data.domains={{t: {{train: [{data}], valid: [{data}]}}}}"
     r = load_recipe(
-        TINY, [domains, "tokenizer.mixture={}", "pretrain.mixture={}", "tokenize.workers=1", f"run_dir={tmp_path}"]
+        TINY, ["stages=[tokenize]", domains, "tokenizer.mixture={}", "pretrain.mixture={}", "tokenize.workers=1", f"run_dir={tmp_path}"]
     )
     _, metrics = tokenize_corpus(r, path, tmp_path / "tokens")
     shards = TokenShards(tmp_path / "tokens" / "t" / "train")

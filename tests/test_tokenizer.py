@@ -19,7 +19,7 @@ from openmill.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, train_t
 from .conftest import DEFAULT_DATA, REPO
 
 TINY = REPO / "recipes" / "tiny.yaml"
-SMALL = ["tokenizer.vocab_size=1024", "tokenizer.max_train_bytes=600000"]
+SMALL = ["stages=[tokenizer,tokenize]", "tokenizer.vocab_size=1024", "tokenizer.max_train_bytes=600000"]
 
 
 def recipe(tmp_path, *overrides):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from openmill.config import Recipe
-from openmill.data.readers import expand_paths
+from openmill.data.readers import DataError, expand_paths
 
 
 def curated_dir(run_root: Path, domain: str, split: str) -> Path:
@@ -20,7 +20,10 @@ def curated_dir(run_root: Path, domain: str, split: str) -> Path:
 def document_files(recipe: Recipe, domain: str, split: str) -> tuple[list[Path], str]:
     """(files, text_field) for one domain and split ("train" or "valid")."""
     if "curate" in recipe.stages:
-        files = sorted(curated_dir(recipe.root, domain, split).glob("*.jsonl*"))
+        folder = curated_dir(recipe.root, domain, split)
+        files = sorted(folder.glob("*.jsonl*"))
+        if not files:
+            raise DataError(f"{folder}: no curated documents; run the curate stage first (it is in this recipe's stages)")
         return files, "text"
     spec = recipe.data.domains[domain]
     return expand_paths(list(getattr(spec, split))), spec.text_field
