@@ -6,6 +6,7 @@
 """
 
 from openmill.export.folder import ExportError
+from openmill.export.gguf import export_gguf, import_gguf
 from openmill.export.hf import export_hf, import_hf
 
-__all__ = ["ExportError", "export_hf", "import_hf"]
+__all__ = ["ExportError", "export_gguf", "export_hf", "import_gguf", "import_hf"]
