@@ -24,6 +24,7 @@ from openmill.train.engine import flops_per_token, peak_flops
 
 SHAPES = {
     # name: (ModelConfig fields, batch, seq_len)
+    "demo": (dict(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, tie_embeddings=True), 16, 256),
     "tiny": (dict(vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, tie_embeddings=True), 16, 256),
     "small": (dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, tie_embeddings=True), 8, 512),
     "125m": (dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, tie_embeddings=True), 16, 1024),
@@ -89,7 +90,7 @@ def hf_loss(model, batch):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=SHAPES, default="tiny")
+    ap.add_argument("--shape", choices=SHAPES, default="demo")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
