@@ -1,9 +1,14 @@
 """Bad input fails before any work with one line naming the file or field (through the real CLI)."""
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from openmill.cli import app
+from openmill.config import ModelConfig, load_recipe
+from openmill.model import build_model
+from openmill.stages import run_recipe
+from openmill.train.pretrain import load_model_folder, write_model_folder
 
 from .conftest import REPO
 
@@ -70,3 +75,24 @@ def test_sequence_longer_than_model():
 def test_unknown_key():
     line = fail_line("pretrain", TINY, "--set", "pretrain.step=3")
     assert "pretrain.step: unknown key (did you mean 'steps'?)" in line
+
+
+def test_export_and_import_round_trip_through_the_cli(tmp_path):
+    """A model folder -> GGUF (f16) -> imported back through the CLI: the same logits up to f16 rounding."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2).resolved())
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", "stages=[tokenizer]",
+                                                          "tokenizer.vocab_size=1024", "tokenizer.max_train_bytes=200000"])
+    run_recipe(recipe)
+    write_model_folder(tmp_path / "m", model, tmp_path / "run" / "tokenizer" / "tokenizer.json", {})
+    code, out = run_cli("export", str(tmp_path / "m"), "--format", "gguf", "--qtype", "f16", "--out", str(tmp_path / "m.gguf"))
+    assert code == 0, out
+    code, out = run_cli("import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back"))
+    assert code == 0, out
+    back, _ = load_model_folder(tmp_path / "back")
+    x = torch.randint(0, 1024, (1, 12))
+    with torch.no_grad():
+        assert (model(x) - back(x)).abs().max() < 1e-2 * model(x).abs().max()
+    assert fail_line("export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "x")) == (
+        "error: --format: expected hf or gguf, got 'onnx'"
+    )

@@ -25,6 +25,11 @@ def test_tiny_recipe_end_to_end(tmp_path, monkeypatch):
     samples = json.loads((root / "generate" / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["Alice was beginning to", "中华人民共和国"]
     assert all(s["completion"].strip() for s in samples)
-    for stage, folder in (("tokenizer", "tokenizer"), ("tokenize", "tokens"), ("pretrain", "pretrain"), ("generate", "generate")):
+    exported = json.loads((root / "export" / "manifest.json").read_text())["outputs"]
+    assert [o["path"] for o in exported] == ["export/hf", "export/model-f16.gguf", "export/model-q8_0.gguf"]
+    for stage, folder in (
+        ("curate", "curate"), ("tokenizer", "tokenizer"), ("tokenize", "tokens"), ("pretrain", "pretrain"),
+        ("generate", "generate"), ("export", "export"),
+    ):  # fmt: skip
         manifest = json.loads((root / folder / "manifest.json").read_text())
         assert manifest["stage"] == stage and all(len(o["sha256"]) == 64 for o in manifest["outputs"])

@@ -3,6 +3,8 @@
     openmill run RECIPE [--set a.b=v ...] [--force]     every stage the recipe lists
     openmill curate|tokenizer|tokenize|pretrain RECIPE  one stage (its inputs must exist)
     openmill generate RUN_OR_MODEL --prompt TEXT        samples from a trained model
+    openmill export RUN_OR_MODEL --format hf|gguf --out PATH
+    openmill import SOURCE --out DIR                    a HF folder or a GGUF file -> model folder
 
 Bad input ends with one line `error: ...` and exit status 2, never a traceback.
 """
@@ -17,6 +19,8 @@ import typer
 
 from openmill.config import GenerateConfig, RecipeError, load_recipe
 from openmill.data.readers import DataError
+
+ModelArg = Annotated[Path, typer.Argument(help="a run directory (uses pretrain/final) or a model folder")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="openmill: raw text to a released language model.")
 
@@ -78,9 +82,60 @@ for _stage in ("curate", "tokenizer", "tokenize", "pretrain"):
     app.command(_stage)(_single(_stage))
 
 
+def _model_folder(model: Path) -> Path:
+    folder = model / "pretrain" / "final" if (model / "pretrain" / "final").is_dir() else model
+    if not (folder / "model.json").is_file():
+        _fail(f"{model}: neither a run directory with pretrain/final nor a model folder")
+    return folder
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (hf) or .gguf file (gguf)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="hf or gguf")] = "hf",
+    qtype: Annotated[str, typer.Option(help="gguf: f16, q8_0 or q4_0")] = "f16",
+    dtype: Annotated[Optional[str], typer.Option(help="hf: float32, bfloat16 or float16 (default: as trained)")] = None,
+):
+    """Write a model as a Hugging Face folder or a GGUF file for llama.cpp."""
+    from openmill.export import ExportError, export_gguf, export_hf
+
+    folder = _model_folder(model)
+    try:
+        if format == "hf":
+            export_hf(folder, out, dtype=dtype)
+        elif format == "gguf":
+            export_gguf(folder, out, qtype=qtype)
+        else:
+            _fail(f"--format: expected hf or gguf, got {format!r}")
+    except ExportError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[Path, typer.Argument(help="a Hugging Face folder (config.json + safetensors) or a .gguf file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the openmill model folder to write")],
+):
+    """Read a Llama/Mistral model from Hugging Face or GGUF into an openmill model folder."""
+    from openmill.export import ExportError, import_gguf, import_hf
+
+    try:
+        if source.is_file() and source.suffix == ".gguf":
+            import_gguf(source, out)
+        elif (source / "config.json").is_file():
+            import_hf(source, out)
+        else:
+            _fail(f"{source}: expected a .gguf file or a folder with config.json")
+    except ExportError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}")
+
+
 @app.command("generate")
 def generate_cmd(
-    model: Annotated[Path, typer.Argument(help="a run directory (uses pretrain/final) or a model folder")],
+    model: ModelArg,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt text (repeatable)")],
     max_new_tokens: int = 64,
     temperature: float = 0.8,
@@ -91,9 +146,7 @@ def generate_cmd(
     """Sample continuations of PROMPT from a trained model."""
     from openmill.sample import complete
 
-    folder = model / "pretrain" / "final" if (model / "pretrain" / "final").is_dir() else model
-    if not (folder / "model.json").is_file():
-        _fail(f"{model}: neither a run directory with pretrain/final nor a model folder")
+    folder = _model_folder(model)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     for s in complete(folder, prompt, cfg, seed):
         typer.echo(f"{s['prompt']}{s['completion']}")

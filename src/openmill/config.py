@@ -191,14 +191,23 @@ class GenerateConfig(Strict):
     top_p: float | None = Field(0.95, gt=0, le=1)
 
 
-STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "generate")
+class ExportConfig(Strict):
+    """What the export stage writes from pretrain/final (docs/export.md)."""
+
+    formats: list[Literal["hf", "gguf"]] = Field(default_factory=lambda: ["hf", "gguf"])
+    hf_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: as trained
+    max_shard_bytes: int = Field(2_000_000_000, gt=0)
+    gguf_qtypes: list[Literal["f16", "q8_0", "q4_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
+
+
+STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "generate", "export")
 
 
 class Recipe(Strict):
     name: str
     seed: int = 1337
     run_dir: Path | None = None  # default: runs/<name>
-    stages: list[Literal["curate", "tokenizer", "tokenize", "pretrain", "generate"]] = Field(
+    stages: list[Literal["curate", "tokenizer", "tokenize", "pretrain", "generate", "export"]] = Field(
         default_factory=lambda: [s for s in STAGES if s != "curate"]
     )
     data: DataConfig
@@ -208,6 +217,7 @@ class Recipe(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _mixtures_name_domains(self):

@@ -88,6 +88,22 @@ def _generate(recipe: Recipe, out: Path):
     return sample_stage(recipe, _final_model(recipe), out)
 
 
+def _export(recipe: Recipe, out: Path):
+    from openmill.export import export_gguf, export_hf
+
+    cfg, model_dir, outputs = recipe.export, _final_model(recipe), []
+    if "hf" in cfg.formats:
+        export_hf(model_dir, out / "hf", max_shard_bytes=cfg.max_shard_bytes, dtype=cfg.hf_dtype)
+        outputs.append(out / "hf")
+    if "gguf" in cfg.formats:
+        outputs += [export_gguf(model_dir, out / f"model-{q}.gguf", qtype=q) for q in cfg.gguf_qtypes]
+    return outputs, {"files": {str(p.relative_to(out)): _size(p) for p in outputs}}
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 STAGE_TABLE: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -102,6 +118,7 @@ STAGE_TABLE: dict[str, Stage] = {
             distributed=True,
         ),
         Stage("generate", ("seed", "generate"), lambda r: [_final_model(r)], _generate),
+        Stage("export", ("export",), lambda r: [_final_model(r)], _export),
     )
 }
 
