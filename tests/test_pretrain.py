@@ -150,3 +150,16 @@ def test_two_processes_match_one(prepared, tmp_path, parallel):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
     assert torch.tensor(list(a.values())).isfinite().all()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_follow_the_eager_trajectory(prepared, tmp_path):
+    """pretrain.compile compiles each block (train/parallel.py); losses match eager to float tolerance."""
+    eager, eager_root = fresh_run(prepared, tmp_path / "eager", ["pretrain.steps=4"])
+    run_recipe(eager, ["pretrain"])
+    compiled, compiled_root = fresh_run(prepared, tmp_path / "compiled", ["pretrain.steps=4", "pretrain.compile=true"])
+    run_recipe(compiled, ["pretrain"])
+    a, b = losses(eager_root), losses(compiled_root)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
