@@ -109,10 +109,11 @@ class Trainer:
         fused = world.device.type == "cuda" or world.size == 1
         self.optimizer = make_optimizer(model, cfg, fused=fused)
         self.state = TrainState()
+        # auto = bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are far slower than fp32 on
+        # CPUs without AMX); bf16 asks for autocast on either device, fp32 for none.
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and world.device.type == "cuda")
         self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if world.device.type == "cuda" and cfg.dtype in ("auto", "bf16")
-            else contextlib.nullcontext()
+            torch.autocast(world.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         )
 
     # ------------------------------------------------------------------------------ resumption
