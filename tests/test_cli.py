@@ -8,7 +8,7 @@ from openmill.cli import app
 from openmill.config import ModelConfig, load_recipe
 from openmill.model import build_model
 from openmill.stages import run_recipe
-from openmill.train.pretrain import load_model_folder, write_model_folder
+from openmill.train.pretrain import load_model_folder, save_trained_model
 
 from .conftest import REPO
 
@@ -84,7 +84,7 @@ def test_export_and_import_round_trip_through_the_cli(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", "stages=[tokenizer]",
                                                           "tokenizer.vocab_size=1024", "tokenizer.max_train_bytes=200000"])
     run_recipe(recipe)
-    write_model_folder(tmp_path / "m", model, tmp_path / "run" / "tokenizer" / "tokenizer.json", {})
+    save_trained_model(tmp_path / "m", model, tmp_path / "run" / "tokenizer" / "tokenizer.json", {})
     code, out = run_cli("export", str(tmp_path / "m"), "--format", "gguf", "--qtype", "f16", "--out", str(tmp_path / "m.gguf"))
     assert code == 0, out
     code, out = run_cli("import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back"))

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from openmill.export import ExportError, export_hf, import_hf
 from openmill.tokenizer import SPECIAL_TOKENS, Tokenizer, new_tokenizer
-from openmill.train.pretrain import load_model_folder, write_model_folder
+from openmill.train.pretrain import load_model_folder, save_trained_model
 
 from .conftest import DEFAULT_DATA
 from .test_model import hf_config, randomised, tiny
@@ -60,7 +60,7 @@ def make_model_folder(root: Path, tokenizer_path: Path, seed: int = 0, **fields)
     """An openmill model folder, written by the training stage's writer, with randomised weights."""
     model = randomised(tiny(vocab_size=VOCAB, **fields), seed)
     folder = root / "model"
-    write_model_folder(folder, model, tokenizer_path, {"step": 0})
+    save_trained_model(folder, model, tokenizer_path, {"step": 0})
     return folder
 
 

@@ -225,6 +225,5 @@ def test_forward_past_max_seq_len_fails_clearly():
     model(torch.zeros(1, 16, dtype=torch.long))  # exactly max_seq_len is fine
     with pytest.raises(ValueError, match=r"position 16 exceeds max_seq_len 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    cache = KVCache(model.cfg, 1, 16)
-    with pytest.raises(ValueError, match=r"position 16 exceeds max_seq_len 16"):
-        model(torch.zeros(1, 1, dtype=torch.long), pos=torch.tensor([16]), cache=cache)
+    with pytest.raises(ValueError, match=r"KV cache of 17 positions exceeds max_seq_len 16"):
+        KVCache(model.cfg, 1, 17)  # decoding is bounded where the cache is made, not per token

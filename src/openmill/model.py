@@ -66,6 +66,8 @@ class KVCache(nn.Module):
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
         super().__init__()
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache of {max_len} positions exceeds max_seq_len {cfg.max_seq_len}")
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -188,9 +190,11 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         if pos is None:
+            if T > self.cfg.max_seq_len:  # a shape check: no host-device sync on the training path
+                raise ValueError(f"position {T - 1} exceeds max_seq_len {self.cfg.max_seq_len}")
             pos = torch.arange(T, device=idx.device)
-        if int(pos[-1]) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(pos[-1])} exceeds max_seq_len {self.cfg.max_seq_len}")
+        # With explicit positions (decoding) the caller bounds them: the KV cache is allocated with
+        # at most max_seq_len slots, and reading pos back here would sync every decoded token.
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         mask = None  # None = plain causal over the T tokens (the fast path)
         if cache is not None:

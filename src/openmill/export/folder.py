@@ -117,8 +117,8 @@ def write_model_folder(out_dir: Path, cfg: ModelConfig, state: dict[str, torch.T
     it). Tensors keep their dtype; load_model_folder casts them into the fp32 model.
     """
     expected = _param_shapes(cfg)
-    if cfg.tie_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"].clone()
+    if cfg.tie_embeddings:  # a live tied model's state dict aliases the two; safetensors needs copies
+        state = {**state, "lm_head.weight": state["embed_tokens.weight"].clone()}
     missing, extra = set(expected) - set(state), set(state) - set(expected)
     if missing or extra:
         raise ExportError(f"{source.get('path', '?')}: weights do not fit the config "

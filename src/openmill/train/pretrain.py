@@ -23,9 +23,10 @@ from openmill.config import ModelConfig, Recipe
 from openmill.data.mixture import MixtureSampler
 from openmill.data.shards import TokenShards
 from openmill.model import Transformer, build_model
-from openmill.rundir import atomic_dir, atomic_write_json, fingerprint
+from openmill.export.folder import TokenizerInfo, write_model_folder
+from openmill.rundir import fingerprint
 from openmill.tokenizer import Tokenizer
-from openmill.train.checkpoint import barrier, is_main_process, list_checkpoints, save_weights
+from openmill.train.checkpoint import barrier, is_main_process, list_checkpoints
 from openmill.train.engine import Trainer
 from openmill.train.metrics import MetricsLog, read_metrics
 from openmill.train.parallel import init_world, parallelize, unwrap
@@ -48,11 +49,11 @@ def load_model_folder(folder: Path, device="cpu") -> tuple[Transformer, ModelCon
     return model, cfg
 
 
-def write_model_folder(folder: Path, model: Transformer, tokenizer_path: Path, extra: dict) -> None:
-    with atomic_dir(folder) as tmp:
-        save_weights(tmp / "model.safetensors", model.state_dict())
-        atomic_write_json(tmp / "model.json", {"model": model.cfg.model_dump(mode="json"), **extra})
-        shutil.copy(tokenizer_path, tmp / "tokenizer.json")
+def save_trained_model(folder: Path, model: Transformer, tokenizer_path: Path, source: dict) -> None:
+    """A live model as an openmill model folder, through the one writer the importers use too."""
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    text = Path(tokenizer_path).read_text(encoding="utf-8")
+    write_model_folder(folder, model.cfg, state, text, TokenizerInfo(), source)
 
 
 class Validation:
@@ -101,11 +102,6 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     np.random.seed(recipe.seed % 2**32)
 
     tokenizer = Tokenizer.load(tokenizer_path)
-    model_cfg = recipe.model.resolved(vocab_size=tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size ({model_cfg.vocab_size}) < tokenizer vocabulary ({tokenizer.vocab_size})")
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
 
     weights = recipe.domain_weights(cfg.mixture)
     domains = [d for d, w in weights.items() if w > 0]
@@ -113,12 +109,17 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     valid = {d: TokenShards(Path(tokens_dir) / d / "valid") for d in recipe.data.domains}
     sampler = MixtureSampler(train, weights, cfg.seq_len, recipe.seed)
 
-    if cfg.init_from is not None:
-        raw, loaded_cfg = load_model_folder(cfg.init_from, device=world.device)
+    if cfg.init_from is not None:  # continued pretraining: the shape comes with the weights
+        raw, model_cfg = load_model_folder(cfg.init_from, device=world.device)
         log(f"initialised from {cfg.init_from}")
-        model_cfg = loaded_cfg
     else:
+        model_cfg = recipe.model.resolved(vocab_size=tokenizer.vocab_size)
         raw = build_model(model_cfg, device=world.device)
+    # Checked here, on the shape actually trained (the preflight cannot see init_from's or the tokenizer's).
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({model_cfg.vocab_size}) < tokenizer vocabulary ({tokenizer.vocab_size})")
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
     n_params = sum(p.numel() for p in raw.parameters())
     model = parallelize(raw, world, cfg.parallel, cfg.compile)
 
@@ -175,7 +176,7 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     final = out_dir / "final"
     plain = unwrap_full(model, raw)  # collective under FSDP: every rank takes part
     if world.is_main:
-        write_model_folder(final, plain, tokenizer_path, {"recipe": recipe.name, "step": cfg.steps})
+        save_trained_model(final, plain, tokenizer_path, {"recipe": recipe.name, "step": cfg.steps})
     summary = summarize(read_metrics(out_dir / "metrics.jsonl"), list(recipe.data.domains)) if world.is_main else {}
     summary.update(parameters=n_params, processes=world.size, device=str(world.device))
     return [final, out_dir / "metrics.jsonl"], summary
