@@ -187,8 +187,14 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     if _is_main():
         atomic_write_text(run.root / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     results = {}
-    for name in stages or recipe.stages:
-        if name not in STAGE_TABLE:
-            raise RecipeError(f"stages: unknown stage {name!r}; choices: {', '.join(STAGE_TABLE)}")
-        results[name] = run_stage(recipe, name, run, force=force, log=log)
+    try:
+        for name in stages or recipe.stages:
+            if name not in STAGE_TABLE:
+                raise RecipeError(f"stages: unknown stage {name!r}; choices: {', '.join(STAGE_TABLE)}")
+            results[name] = run_stage(recipe, name, run, force=force, log=log)
+    finally:
+        # Leaving a gloo/nccl group alive until interpreter exit lets its worker threads be torn down
+        # in arbitrary order, which aborts the process ("terminate called without an active exception").
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return results
