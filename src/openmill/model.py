@@ -58,6 +58,16 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return allowed
 
 
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids of packed sequences -> (B, T) positions restarting at 0 in each document."""
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for every layer: (n_layers, B, K, max_len, D).
 
@@ -180,6 +190,7 @@ class Transformer(nn.Module):
         pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), or the mean next-token loss if `targets` (B, T).
 
@@ -187,21 +198,37 @@ class Transformer(nn.Module):
         of the new tokens and attention covers every cached position up to them. With targets the
         output projection and the loss are fused (fused_loss.py): no (B, T, vocab) logits are kept.
         Targets equal to -100 are ignored.
+
+        `doc_ids` (B, T) packs several documents into one row (SFT packing): a token attends only to
+        earlier tokens of its own document and positions restart at each document's first token, so
+        each document sees exactly what it would see alone (the block-diagonal mask costs the fast
+        causal-only SDPA path, so it is used only when given).
         """
         B, T = idx.shape
-        if pos is None:
-            if T > self.cfg.max_seq_len:  # a shape check: no host-device sync on the training path
-                raise ValueError(f"position {T - 1} exceeds max_seq_len {self.cfg.max_seq_len}")
-            pos = torch.arange(T, device=idx.device)
-        # With explicit positions (decoding) the caller bounds them: the KV cache is allocated with
-        # at most max_seq_len slots, and reading pos back here would sync every decoded token.
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        mask = None  # None = plain causal over the T tokens (the fast path)
-        if cache is not None:
-            k_pos = torch.arange(cache.max_len, device=idx.device)
-            mask = attention_mask(pos, k_pos, self.cfg.sliding_window)
-        elif self.cfg.sliding_window is not None and T > self.cfg.sliding_window:
-            mask = attention_mask(pos, pos, self.cfg.sliding_window)
+        if doc_ids is not None:
+            if cache is not None or T > self.cfg.max_seq_len:
+                raise ValueError("doc_ids is for training on packed rows of at most max_seq_len tokens, without a cache")
+            doc_pos = document_positions(doc_ids)
+            index = torch.arange(T, device=idx.device)
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & attention_mask(index, index, None)
+            if self.cfg.sliding_window is not None:
+                mask &= (doc_pos[:, :, None] - doc_pos[:, None, :]) < self.cfg.sliding_window
+            mask = mask[:, None]  # (B, 1, T, T): one mask for every head
+            cos, sin = self.rope_cos[doc_pos][:, None], self.rope_sin[doc_pos][:, None]  # (B, 1, T, D)
+        else:
+            if pos is None:
+                if T > self.cfg.max_seq_len:  # a shape check: no host-device sync on the training path
+                    raise ValueError(f"position {T - 1} exceeds max_seq_len {self.cfg.max_seq_len}")
+                pos = torch.arange(T, device=idx.device)
+            # With explicit positions (decoding) the caller bounds them: the KV cache is allocated with
+            # at most max_seq_len slots, and reading pos back here would sync every decoded token.
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            mask = None  # None = plain causal over the T tokens (the fast path)
+            if cache is not None:
+                k_pos = torch.arange(cache.max_len, device=idx.device)
+                mask = attention_mask(pos, k_pos, self.cfg.sliding_window)
+            elif self.cfg.sliding_window is not None and T > self.cfg.sliding_window:
+                mask = attention_mask(pos, pos, self.cfg.sliding_window)
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)
