@@ -68,8 +68,26 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - first
 
 
+def attention_mask_rows(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (B, Tq, Tk) mask from per-row positions; keys at negative positions (empty slots,
+    padding) are never attended to."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    allowed = (diff >= 0) & (k_pos[:, None, :] >= 0)
+    if window is not None:
+        allowed &= diff < window
+    return allowed
+
+
 class KVCache(nn.Module):
-    """Preallocated keys and values for every layer: (n_layers, B, K, max_len, D).
+    """Preallocated keys and values for every layer: (n_layers, B, K, 1 + slots, D).
+
+    A full cache has one slot per position (slot = 1 + position). With sliding-window attention and
+    a window shorter than `max_len` it is a rolling buffer of `window` slots (slot = 1 + position
+    mod window), so memory stays O(window) however long the generation runs. `slot_pos` (B, 1 +
+    slots) records which absolute position each slot holds (-1: empty), so every row of a batch
+    can be at its own position (prompts of different lengths, requests joining a running batch).
+    Slot 0 is a sink: tokens at a negative position (padding, idle rows) are written there and
+    never attended to.
 
     Passed explicitly into `Transformer.forward`; the generation engine owns its lifetime.
     """
@@ -78,16 +96,60 @@ class KVCache(nn.Module):
         super().__init__()
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KV cache of {max_len} positions exceeds max_seq_len {cfg.max_seq_len}")
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        window = cfg.sliding_window
+        self.rolling = window is not None and window < max_len
+        self.n_slots = window if self.rolling else max_len
+        self.max_len = max_len
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, 1 + self.n_slots, cfg.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.max_len = max_len
+        self.register_buffer("slot_pos", torch.full((batch_size, 1 + self.n_slots), -1, device=device), persistent=False)
+        self._slots, self._concat = None, False
 
-    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, K, T, D) at positions `pos` (T,); return all cached keys/values."""
-        self.k[layer][:, :, pos] = k
-        self.v[layer][:, :, pos] = v
-        return self.k[layer], self.v[layer]
+    def view(self, rows: slice = slice(None), below: int | None = None) -> KVCache:
+        """A view sharing this cache's storage: only `rows`, and only the slots of positions
+        < `below` (a full cache's attention then costs O(below), not O(max_len))."""
+        width = 1 + (self.n_slots if below is None or self.rolling else min(below, self.n_slots))
+        out = KVCache.__new__(KVCache)
+        nn.Module.__init__(out)
+        out.rolling, out.n_slots, out.max_len = self.rolling, self.n_slots, self.max_len
+        out.k, out.v = self.k[:, rows, :, :width], self.v[:, rows, :, :width]
+        out.slot_pos = self.slot_pos[rows, :width]
+        out._slots, out._concat = None, False
+        return out
+
+    def reset(self, rows: slice | int = slice(None)) -> None:
+        """Forget what `rows` hold (the keys stay in memory but are never attended to again)."""
+        self.slot_pos[rows] = -1
+
+    def prepare(self, pos: torch.Tensor) -> torch.Tensor:
+        """Called once per forward with the new tokens' positions (B, T); returns the positions of
+        the keys attention will see (B, S), in the order `update` returns them."""
+        T = pos.size(1)
+        slots = torch.where(pos >= 0, 1 + pos % self.n_slots, 0)
+        # A rolling buffer cannot take a chunk that wraps before attending: a later token of the
+        # chunk would overwrite a key an earlier one still needs. Such a chunk attends to the old
+        # slots plus its own keys (concatenated), and only its last `window` tokens are kept.
+        self._concat = self.rolling and T > 1
+        if self._concat:
+            keep = pos > pos.max(dim=1, keepdim=True).values - self.n_slots
+            slots = torch.where(keep, slots, 0)
+            key_pos = torch.cat([self.slot_pos, pos], dim=1)
+        self._slots = slots
+        self.slot_pos.scatter_(1, slots, pos)
+        self.slot_pos[:, 0] = -1
+        return key_pos if self._concat else self.slot_pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, K, T, D) into the slots `prepare` chose; return the keys/values to attend to."""
+        k_all, v_all = self.k[layer], self.v[layer]
+        if self._concat:
+            keys, values = torch.cat([k_all, k], dim=2), torch.cat([v_all, v], dim=2)
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        # Advanced indexing puts (B, T) first: (B, T, K, D) on both sides.
+        k_all[rows, :, self._slots] = k.transpose(1, 2)
+        v_all[rows, :, self._slots] = v.transpose(1, 2)
+        return (keys, values) if self._concat else (k_all, v_all)
 
 
 class Attention(nn.Module):
@@ -108,7 +170,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v)
+            k, v = cache.update(self.layer, k, v)
         if cfg.n_kv_heads != cfg.n_heads:
             # Expanding K/V to H heads costs memory but keeps the fast SDPA kernels on every backend.
             rep = cfg.n_heads // cfg.n_kv_heads
@@ -194,8 +256,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), or the mean next-token loss if `targets` (B, T).
 
-        Without a cache, positions are 0..T-1. With a cache, `pos` (T,) gives the absolute positions
-        of the new tokens and attention covers every cached position up to them. With targets the
+        Without a cache, positions are 0..T-1. With a cache, `pos` (T,) or (B, T) gives the absolute
+        positions of the new tokens (negative = padding, attends and is attended to by nothing) and
+        attention covers every cached position up to them (within the window, if any). With targets the
         output projection and the loss are fused (fused_loss.py): no (B, T, vocab) logits are kept.
         Targets equal to -100 are ignored.
 
@@ -222,13 +285,20 @@ class Transformer(nn.Module):
                 pos = torch.arange(T, device=idx.device)
             # With explicit positions (decoding) the caller bounds them: the KV cache is allocated with
             # at most max_seq_len slots, and reading pos back here would sync every decoded token.
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
             mask = None  # None = plain causal over the T tokens (the fast path)
             if cache is not None:
-                k_pos = torch.arange(cache.max_len, device=idx.device)
-                mask = attention_mask(pos, k_pos, self.cfg.sliding_window)
-            elif self.cfg.sliding_window is not None and T > self.cfg.sliding_window:
-                mask = attention_mask(pos, pos, self.cfg.sliding_window)
+                pos = pos.expand(B, T) if pos.dim() == 1 else pos  # (B, T): each row at its own position
+                allowed = attention_mask_rows(pos, cache.prepare(pos), self.cfg.sliding_window)
+                # Additive, not boolean: a padding row that may attend to nothing gets a uniform (finite)
+                # softmax instead of NaN, and its output is never used.
+                dtype = self.embed_tokens.weight.dtype
+                mask = torch.zeros(allowed.shape, dtype=dtype, device=idx.device).masked_fill(~allowed, torch.finfo(dtype).min)
+                mask = mask.unsqueeze(1)  # (B, 1, T, S): one mask for every head
+                cos, sin = self.rope_cos[pos.clamp(min=0)].unsqueeze(1), self.rope_sin[pos.clamp(min=0)].unsqueeze(1)
+            else:
+                cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+                if self.cfg.sliding_window is not None and T > self.cfg.sliding_window:
+                    mask = attention_mask(pos, pos, self.cfg.sliding_window)
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)

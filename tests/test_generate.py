@@ -1,0 +1,112 @@
+"""The generation engine against its naive paths: cached vs recomputed greedy (exact), the rolling
+buffer vs the full sliding-window forward, batching that changes nothing, streaming and stop
+strings, sampling processors against transformers'."""
+
+import pytest
+import torch
+
+from openmill.generate import Engine, SamplingParams, TextStream, generate, generate_batch
+from openmill.generate.sampling import apply_repetition_penalty, sample_next
+from openmill.model import KVCache
+from tests.test_model import greedy_recompute, randomised, tiny
+
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
+
+
+def prompts(n: int, seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (int(length),), generator=gen).tolist() for length in torch.randint(1, 12, (n,), generator=gen)]
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+def test_batched_greedy_of_different_lengths_equals_recomputed_greedy(window):
+    model = randomised(tiny(sliding_window=window), seed=3)
+    ps = prompts(4)
+    assert len({len(p) for p in ps}) > 2  # really different lengths
+    out = generate_batch(model, ps, GREEDY, max_batch=3)  # 3 rows: the 4th request joins mid-flight
+    for p, r in zip(ps, out):
+        expected = greedy_recompute(model, torch.tensor([p]), 16)[0, len(p) :].tolist()
+        assert r.tokens == expected  # token for token, atol = 0
+        assert r.finish_reason == "length"
+    assert len({tuple(r.tokens) for r in out}) == len(ps)
+
+
+@torch.no_grad()
+def test_rolling_buffer_gives_the_logits_of_the_full_sliding_window_forward():
+    model = randomised(tiny(sliding_window=4), seed=7)
+    seq = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(8))
+    cache = KVCache(model.cfg, 2, 30)
+    assert cache.rolling and cache.k.shape[3] == 1 + 4  # memory: the window, not the sequence
+    full = model(seq)  # no cache: the (T, T) causal + window mask
+    prefill = model(seq[:, :9], pos=torch.arange(9), cache=cache)  # a chunk longer than the window
+    steps = [model(seq[:, p : p + 1], pos=torch.tensor([p]), cache=cache) for p in range(9, 30)]
+    rolled = torch.cat([prefill, *steps], dim=1)
+    assert (rolled - full).abs().max() <= 1e-5  # same math, different SDPA shapes
+
+
+def test_sampling_depends_on_the_seed_not_on_the_batch():
+    model = randomised(tiny(), seed=4)
+    ps = prompts(4, seed=2)
+    sampled = [SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=s) for s in range(4)]
+    together = [r.tokens for r in generate_batch(model, ps, sampled)]
+    alone = [generate_batch(model, [p], q)[0].tokens for p, q in zip(ps, sampled)]
+    assert together == alone
+    reseeded = generate_batch(model, ps[:1], SamplingParams(max_new_tokens=12, temperature=1.0, seed=99))[0].tokens
+    assert reseeded != together[0]
+
+
+def test_generate_stops_at_a_stop_id_and_keeps_its_old_signature():
+    model = randomised(tiny(), seed=3)
+    p = prompts(1)[0]
+    free = generate(model, p, 16, temperature=0)
+    stop = free[5]
+    first = free.index(stop)
+    assert generate(model, p, 16, temperature=0, stop_ids=(stop,)) == free[: first + 1]
+
+
+def test_engine_refuses_a_prompt_that_fills_the_context():
+    engine = Engine(randomised(tiny(max_seq_len=16)), max_batch=1)
+    with pytest.raises(ValueError, match="leaves no room"):
+        engine.add(list(range(16)), GREEDY)
+
+
+# ------------------------------------------------------------------- streaming text, stop strings
+
+
+def byte_decode(ids: list[int]) -> str:
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_stream_waits_for_a_whole_character_and_cuts_at_a_stop_string():
+    stream = TextStream(byte_decode, stop=("END",))
+    deltas = [stream.push(b) for b in "中 E".encode() + b"NDx"]
+    assert deltas[:3] == ["", "", "中"]  # three bytes, one character
+    assert "".join(deltas) == "中 " and stream.stopped  # "E" held back, then "END" cuts
+    stream = TextStream(byte_decode, stop=("END",))
+    assert "".join(stream.push(b) for b in b"an E") + stream.finish() == "an E"  # released at the end
+
+
+def test_engine_stop_string_ends_with_reason_stop():
+    model = randomised(tiny(vocab_size=256), seed=5)
+    free = generate_batch(model, [[65, 66]], GREEDY, decode=byte_decode)[0]
+    stop = free.text[3:5]
+    assert len(stop) == 2
+    cut = generate_batch(model, [[65, 66]], SamplingParams(max_new_tokens=16, temperature=0, stop=(stop,)), decode=byte_decode)[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(stop)]
+
+
+# ------------------------------------------------------------------------ processors vs transformers
+
+
+def test_repetition_penalty_and_top_k_top_p_match_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 3
+    seen = torch.tensor([[3, 7, 7, 20]])
+    ours = apply_repetition_penalty(logits[0], seen[0], 1.3)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())[0]
+    assert torch.equal(ours, theirs)
+    warped = TopPLogitsWarper(0.8)(seen, TopKLogitsWarper(10)(seen, logits.clone()))
+    allowed = torch.isfinite(warped[0])
+    draws = torch.cat([sample_next(logits, 1.0, 10, 0.8, torch.Generator().manual_seed(s)) for s in range(300)])
+    assert set(draws.tolist()) == set(allowed.nonzero().flatten().tolist())
