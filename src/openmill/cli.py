@@ -35,12 +35,13 @@ def _fail(message: str) -> None:
 
 
 def _run(recipe_path: Path, overrides: list[str] | None, stages: list[str] | None, force: bool):
+    from openmill.align.data import AlignDataError
     from openmill.stages import run_recipe
 
     try:
         recipe = load_recipe(recipe_path, overrides or [])
         return run_recipe(recipe, stages, force=force), recipe
-    except (RecipeError, DataError, FileNotFoundError) as e:
+    except (RecipeError, DataError, AlignDataError, FileNotFoundError) as e:
         _fail(str(e))
 
 
@@ -61,6 +62,11 @@ def _summary(results: dict, root: Path) -> None:
         console.print(table)
     for s in (results.get("generate") or {}).get("metrics", {}).get("samples", []):
         console.print(f"[bold]{s['prompt']}[/bold]{s['completion']}")
+    aligned = [name for name in ("dpo", "sft") if results.get(name)]
+    if aligned:  # the last alignment stage's replies, through the chat template it was trained on
+        console.print(f"[bold]chat with {aligned[0]}/final:[/bold]")
+        for turn in results[aligned[0]].get("metrics", {}).get("chat", []):
+            console.print(f"[bold]user:[/bold] {turn['user']}\n[bold]assistant:[/bold] {turn['assistant']}")
 
 
 @app.command()
@@ -78,7 +84,7 @@ def _single(stage: str):
     return command
 
 
-for _stage in ("curate", "tokenizer", "tokenize", "pretrain"):
+for _stage in ("curate", "tokenizer", "tokenize", "pretrain", "sft", "dpo"):
     app.command(_stage)(_single(_stage))
 
 

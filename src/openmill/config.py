@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from openmill.align.config import DpoConfig, SftConfig
 from openmill.data.curate.config import CurateConfig
 
 
@@ -200,15 +201,17 @@ class ExportConfig(Strict):
     gguf_qtypes: list[Literal["f16", "q8_0", "q4_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
 
 
-STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "generate", "export")
+STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "generate", "export", "sft", "dpo")
+# Stages a recipe lists explicitly (they need inputs no default can give: raw-text rules, chat data).
+OPT_IN_STAGES = ("curate", "sft", "dpo")
 
 
 class Recipe(Strict):
     name: str
     seed: int = 1337
     run_dir: Path | None = None  # default: runs/<name>
-    stages: list[Literal["curate", "tokenizer", "tokenize", "pretrain", "generate", "export"]] = Field(
-        default_factory=lambda: [s for s in STAGES if s != "curate"]
+    stages: list[Literal["curate", "tokenizer", "tokenize", "pretrain", "generate", "export", "sft", "dpo"]] = Field(
+        default_factory=lambda: [s for s in STAGES if s not in OPT_IN_STAGES]
     )
     data: DataConfig
     curate: CurateConfig = Field(default_factory=CurateConfig)
@@ -218,6 +221,8 @@ class Recipe(Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
 
     @model_validator(mode="after")
     def _mixtures_name_domains(self):

@@ -100,6 +100,28 @@ def _export(recipe: Recipe, out: Path):
     return outputs, {"files": {str(p.relative_to(out)): _size(p) for p in outputs}}
 
 
+def _sft_start(recipe: Recipe) -> Path:
+    return recipe.sft.init_from or _final_model(recipe)
+
+
+def _dpo_start(recipe: Recipe) -> Path:
+    if recipe.dpo.init_from is not None:
+        return recipe.dpo.init_from
+    return recipe.root / "sft" / "final" if "sft" in recipe.stages else _final_model(recipe)
+
+
+def _sft(recipe: Recipe, out: Path):
+    from openmill.align.sft import run_sft
+
+    return run_sft(recipe.sft, _sft_start(recipe), out, recipe.seed)
+
+
+def _dpo(recipe: Recipe, out: Path):
+    from openmill.align.dpo import run_dpo
+
+    return run_dpo(recipe.dpo, _dpo_start(recipe), out, recipe.seed)
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -119,6 +141,8 @@ STAGE_TABLE: dict[str, Stage] = {
         ),
         Stage("generate", ("seed", "generate"), lambda r: [_final_model(r)], _generate),
         Stage("export", ("export",), lambda r: [_final_model(r)], _export),
+        Stage("sft", ("seed", "sft"), lambda r: [_sft_start(r), *r.sft.train, *r.sft.valid], _sft),
+        Stage("dpo", ("seed", "dpo"), lambda r: [_dpo_start(r), *r.dpo.train, *r.dpo.valid], _dpo),
     )
 }
 

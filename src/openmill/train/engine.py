@@ -25,14 +25,16 @@ from openmill.train.metrics import MetricsLog
 from openmill.train.parallel import World, all_reduce_mean
 from openmill.train.schedule import lr_at
 
-# A batch source gives this rank's micro-batches of a step: list of (inputs, targets, tags).
+# A batch source gives this rank's micro-batches of a step: list of (inputs, targets, extra). The
+# extra tensor is what the loss function needs besides tokens: pretraining's domain tags (unused by
+# the loss), SFT's document ids of packed rows, DPO's precomputed reference log-probabilities.
 BatchFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # An evaluator returns flat scalar metrics, e.g. {"val/en/bpb": 1.9}; collective under torchrun.
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
-def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     # The loss is computed inside the model's forward (fused with the output projection), so
     # FSDP2 has the output weights gathered while it runs.
     return model(inputs, targets=targets)
@@ -163,13 +165,13 @@ class Trainer:
         micro = self.batch_fn(step)
         total = torch.zeros((), device=self.world.device)
         tokens = 0
-        for i, (inputs, targets, _tags) in enumerate(micro):
+        for i, (inputs, targets, extra) in enumerate(micro):
             last = i == len(micro) - 1
             if last and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(True)
-            inputs, targets = inputs.to(self.world.device), targets.to(self.world.device)
+            inputs, targets, extra = (t.to(self.world.device) for t in (inputs, targets, extra))
             with self._sync_context(last), self.autocast:
-                loss = self.loss_fn(self.model, inputs, targets) / len(micro)
+                loss = self.loss_fn(self.model, inputs, targets, extra) / len(micro)
                 loss.backward()
             total += loss.detach()
             tokens += targets.numel()

@@ -1,0 +1,171 @@
+"""The dpo stage: preference pairs -> a model that prefers the chosen answers.
+
+    dpo/final/         the aligned model folder
+    dpo/metrics.jsonl  training loss; held-out val/loss, val/accuracy, val/margin per evaluation
+
+The reference model is the starting model. Its log-probabilities of every train and held-out
+answer are computed once, before training, and kept as two floats per pair: no second model in
+memory during training (benchmarks/align.md measures what that saves).
+
+Losses, with d = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)) summed
+over answer tokens, and d_norm the same with each log-ratio divided by its answer's token count:
+- sigmoid:  -log sigmoid(beta d)                     (DPO; TRL loss_type="sigmoid")
+- dpo_norm: -log sigmoid(beta d_norm)                (length-normalised DPO, Moxin/Tulu 3's dpo_norm, beta=5 there; TRL "sigmoid_norm")
+- ipo:      (d_norm - 1 / (2 beta))^2                 (IPO; TRL "ipo", which also averages per token)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from openmill.align import train as common
+from openmill.align.config import DpoConfig
+from openmill.align.data import Pair, load_pairs
+from openmill.align.sft import Example, collate
+from openmill.align.templates import encode_conversation
+from openmill.textmodel import TextTokenizer
+
+
+def tokenize_pairs(pairs: list[Pair], tok: TextTokenizer, cfg: DpoConfig, where: str) -> tuple[list[tuple[Example, Example]], Counter]:
+    out, dropped = [], Counter()
+    for n, pair in enumerate(pairs):
+        prompt = common.with_system(pair.prompt, cfg.system_prompt)
+        sides = []
+        for answer in (pair.chosen, pair.rejected):
+            ids, mask = encode_conversation(tok, prompt + [{"role": "assistant", "content": answer}])
+            sides.append(Example(ids[:-1], [t if m else -100 for t, m in zip(ids[1:], mask[1:])]))
+        longest = max(len(s.inputs) for s in sides)
+        if longest > cfg.seq_len:
+            if cfg.too_long == "fail":
+                raise ValueError(f"{where}: pair {n} has {longest + 1} tokens, more than seq_len {cfg.seq_len} + 1")
+            dropped["too_long"] += 1
+            continue
+        out.append((sides[0], sides[1]))
+    return out, dropped
+
+
+def pair_batch(pairs: list[tuple[Example, Example]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of shape (2 n, T): the n chosen answers, then the n rejected ones."""
+    x, y, _ = collate([[c] for c, _ in pairs] + [[r] for _, r in pairs], pad_id)
+    return x, y
+
+
+def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs of the target tokens, their count), each (B,)."""
+    logits = model(inputs).float()
+    keep = targets != -100
+    picked = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * keep).sum(dim=1), keep.sum(dim=1)
+
+
+def dpo_terms(cfg: DpoConfig, logps, lengths, ref) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair (loss, chosen reward, rejected reward) from (2 n,) log-probs and token counts and
+    the (n, 2) reference log-probs. Rewards are beta x the log-ratio the loss compares."""
+    n = ref.shape[0]
+    ratios = logps - torch.cat([ref[:, 0], ref[:, 1]])
+    if cfg.loss in ("dpo_norm", "ipo"):
+        ratios = ratios / lengths.clamp(min=1)
+    chosen, rejected = ratios[:n], ratios[n:]
+    delta = chosen - rejected
+    if cfg.loss == "ipo":
+        loss = (delta - 1 / (2 * cfg.beta)) ** 2
+    else:
+        loss = -F.logsigmoid(cfg.beta * delta)
+    return loss, cfg.beta * chosen.detach(), cfg.beta * rejected.detach()
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, pad_id: int, batch_pairs: int = 4) -> torch.Tensor:
+    """(n, 2) log-probs of (chosen, rejected) under the model as it is now: the DPO reference."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_pairs):
+        x, y = pair_batch(pairs[i : i + batch_pairs], pad_id)
+        lp, _ = sequence_logps(model, x.to(model.embed_tokens.weight.device), y.to(model.embed_tokens.weight.device))
+        k = len(lp) // 2
+        out.append(torch.stack([lp[:k], lp[k:]], dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def make_loss(cfg: DpoConfig):
+    def loss_fn(model, inputs, targets, ref):
+        logps, lengths = sequence_logps(model, inputs, targets)
+        return dpo_terms(cfg, logps, lengths, ref)[0].mean()
+
+    return loss_fn
+
+
+def preference_eval(cfg: DpoConfig, pairs, ref: torch.Tensor, pad_id: int, batch_pairs: int = 4):
+    """Evaluator on held-out pairs: loss, accuracy (chosen reward > rejected), mean reward margin."""
+
+    def evaluate(model) -> dict[str, float]:
+        device = model.embed_tokens.weight.device
+        losses, margins = [], []
+        for i in range(0, len(pairs), batch_pairs):
+            x, y = pair_batch(pairs[i : i + batch_pairs], pad_id)
+            logps, lengths = sequence_logps(model, x.to(device), y.to(device))
+            loss, rc, rr = dpo_terms(cfg, logps, lengths, ref[i : i + batch_pairs].to(device))
+            losses.append(loss)
+            margins.append(rc - rr)
+        loss, margin = torch.cat(losses), torch.cat(margins)
+        return {"val/loss": float(loss.mean()), "val/accuracy": float((margin > 0).float().mean()), "val/margin": float(margin.mean())}
+
+    return evaluate
+
+
+def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print) -> tuple[list[Path], dict]:
+    out_dir = Path(out_dir)
+    if not cfg.train:
+        raise ValueError("dpo.train: no data files given")
+    torch.manual_seed(seed)
+    model, tok, facts = common.load_start(init_from, cfg, log)
+    train = load_pairs(cfg.train, cfg.format, cfg.bad_records)
+    valid = load_pairs(cfg.valid, cfg.format, cfg.bad_records) if cfg.valid else None
+    train_items, valid_items = common.split(train.items, cfg, valid.items if valid else None, seed)
+    train_pairs, train_drop = tokenize_pairs(train_items, tok, cfg, "dpo.train")
+    valid_pairs, valid_drop = tokenize_pairs(valid_items, tok, cfg, "dpo.valid")
+    if not train_pairs:
+        raise ValueError(f"dpo: every training pair is longer than seq_len {cfg.seq_len}")
+    pad_id = tok.pad_id
+    # Reference log-probs before the first update (and before LoRA changes anything: B starts at 0).
+    ref_train = reference_logps(model, train_pairs, pad_id)
+    ref_valid = reference_logps(model, valid_pairs, pad_id)
+    micro = cfg.batch_size // cfg.grad_accum
+
+    def batch_fn(step: int):
+        picked = common.epoch_order(step, cfg.batch_size, len(train_pairs), seed)
+        out = []
+        for i in range(0, cfg.batch_size, micro):
+            idx = picked[i : i + micro]
+            x, y = pair_batch([train_pairs[j] for j in idx], pad_id)
+            out.append((x, y, ref_train[idx]))
+        return out
+
+    data = {
+        "train_pairs": len(train_pairs),
+        "valid_pairs": len(valid_pairs),
+        "skipped_records": dict(train.skipped + (valid.skipped if valid else Counter())),
+        "dropped_too_long": dict(train_drop + valid_drop),
+    }
+    log(f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train_pairs)} pairs, {len(valid_pairs)} held out; "
+        f"skipped {data['skipped_records'] or 'none'}, too long {data['dropped_too_long'] or 'none'}")
+    result = common.fit(model, cfg, out_dir, batch_fn, preference_eval(cfg, valid_pairs, ref_valid, pad_id), make_loss(cfg),
+                        {"stage": "dpo", "resume_key": common.resume_key(cfg, init_from)}, log)
+    model.eval()
+    replies = common.chat(model, tok, cfg.chat_prompts, cfg.system_prompt, cfg.chat_max_new_tokens)
+    common.save_final(out_dir / "final", model, tok, init_from, {"stage": "dpo", "init_from": str(init_from), "steps": cfg.steps})
+    first, last = result["first_eval"] or {}, result["last_eval"]
+    metrics = {
+        **facts,
+        **data,
+        "val_accuracy": {"step0": first.get("val/accuracy"), "final": last["val/accuracy"]},
+        "val_margin": {"step0": first.get("val/margin"), "final": last["val/margin"]},
+        "chat": replies,
+    }
+    return [out_dir / "final", out_dir / "metrics.jsonl"], metrics

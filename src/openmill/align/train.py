@@ -1,0 +1,113 @@
+"""What the sft and dpo stages share: the starting model, held-out split, the engine run, the
+saved folder (with the chat template trained on), and the closing chat."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from openmill.align.config import AlignStage
+from openmill.align.lora import apply_lora, merge_lora
+from openmill.align.templates import with_template
+from openmill.export.folder import write_model_folder
+from openmill.generate import generate
+from openmill.textmodel import TextTokenizer, load_text_model
+from openmill.train.engine import BatchFn, EvalFn, LossFn, Trainer
+from openmill.train.metrics import MetricsLog
+from openmill.train.parallel import init_world
+from openmill.train.pretrain import _drop_foreign_checkpoints
+
+
+def load_start(folder: Path, cfg: AlignStage, log=print) -> tuple[nn.Module, TextTokenizer, dict]:
+    """(model in train mode, tokenizer rendering the stage's template, facts for the manifest)."""
+    if not (Path(folder) / "model.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (model.json missing); set init_from or run the stage before")
+    model, tok = load_text_model(folder)
+    tok = with_template(tok, cfg.template)
+    if tok.info.chat_template is None:
+        raise ValueError(f"{folder}: the model has no chat template; set template to one of chatml, solar, llama2")
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"seq_len ({cfg.seq_len}) exceeds the model's max_seq_len ({model.cfg.max_seq_len})")
+    facts = {"init_from": str(folder), "parameters": sum(p.numel() for p in model.parameters())}
+    if cfg.lora is not None:
+        facts["trainable_parameters"] = apply_lora(model, cfg.lora)
+        log(f"LoRA rank {cfg.lora.rank}: {facts['trainable_parameters']:,} trainable of {facts['parameters']:,}")
+    return model.train(), tok, facts
+
+
+def split(items: list, cfg: AlignStage, valid_items: list | None, seed: int) -> tuple[list, list]:
+    """(train, held-out): the valid files when given, else a seeded valid_fraction of train."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    if valid_items is None:
+        n_valid = max(1, round(cfg.valid_fraction * len(order))) if cfg.valid_fraction > 0 else 0
+        valid_items, order = order[:n_valid], order[n_valid:]
+    if cfg.max_examples is not None:
+        order = order[: cfg.max_examples]
+    if not order:
+        raise ValueError("no training examples left (check train files, valid_fraction and max_examples)")
+    return order, valid_items
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt is None or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def epoch_order(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Indices of the examples of `step`: a fresh seeded permutation each epoch, so a step's batch
+    is a pure function of the step (exact resume, as the pretraining sampler)."""
+    out = []
+    for g in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalFn, loss_fn: LossFn, meta: dict, log=print) -> dict:
+    world = init_world()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    engine_cfg = cfg.engine_config()
+    trainer = Trainer(model, model, engine_cfg, world, out_dir, batch_fn, eval_fn, loss_fn=loss_fn, meta=meta, log=log)
+    # Checkpoints of another config or starting model are not resumed from (removed, with a note).
+    _drop_foreign_checkpoints(Path(out_dir) / "checkpoints", meta["resume_key"], log)
+    resumed = trainer.resume()
+    metrics = MetricsLog(out_dir, world.is_main, cfg.tensorboard, trainer.state.step if resumed else None)
+
+    def progress(step, loss, tps):
+        log(f"  step {step}/{cfg.steps}  loss {loss:.4f}  {tps:,.0f} tok/s")
+
+    result = trainer.fit(metrics, progress)
+    metrics.close()
+    return result
+
+
+def save_final(folder: Path, model, tok: TextTokenizer, init_from: Path, source: dict) -> None:
+    """The trained model as a folder; its tokenizer info carries the template trained on, so HF and
+    GGUF exports write that template (tokenizer_config.json, tokenizer.chat_template)."""
+    merge_lora(model)
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    text = (Path(init_from) / "tokenizer.json").read_text(encoding="utf-8")
+    write_model_folder(folder, model.cfg, state, text, tok.info, source)
+
+
+def chat(model, tok: TextTokenizer, prompts: list[str], system_prompt: str | None, max_new_tokens: int) -> list[dict]:
+    """Greedy replies to one-turn conversations, through the template."""
+    replies = []
+    for prompt in prompts:
+        messages = with_system([{"role": "user", "content": prompt}], system_prompt)
+        ids = generate(model, tok.encode_chat(messages, add_generation_prompt=True), max_new_tokens, temperature=0, stop_ids=tok.stop_ids)
+        replies.append({"user": prompt, "assistant": tok.decode([t for t in ids if t not in tok.stop_ids]).strip()})
+    return replies
+
+
+def resume_key(cfg: AlignStage, init_from: Path) -> str:
+    from openmill.rundir import fingerprint
+
+    return fingerprint(cfg.model_dump(mode="json"), [Path(init_from) / "model.safetensors"])

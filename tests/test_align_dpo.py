@@ -1,0 +1,90 @@
+"""DPO: losses and 10 training steps match TRL's DPOTrainer on the same weights, pairs and
+hyperparameters; bad pair files fail naming the file and record, or are skipped and counted."""
+
+import json
+
+import pytest
+import torch
+
+from openmill.align.config import DpoConfig
+from openmill.align.data import AlignDataError, load_pairs
+from openmill.align.dpo import run_dpo
+from openmill.export import export_hf
+
+from .test_export_hf import make_model_folder, tokenizer_path  # noqa: F401 (fixture)
+
+PAIRS = [
+    ("Who are you?", "I am a tiny model.", "A cat."),
+    ("你是谁？", "我是一个小模型。", "不知道"),
+    ("2+2?", "4", "5, or maybe 22"),
+    ("Capital of France?", "Paris.", "Berlin, I think."),
+]
+STEPS, LR = 10, 1e-3
+
+
+def write_pairs(path, pairs):
+    with path.open("w") as f:
+        for prompt, chosen, rejected in pairs:
+            f.write(json.dumps({"prompt": [{"role": "user", "content": prompt}],
+                                "chosen": [{"role": "assistant", "content": chosen}],
+                                "rejected": [{"role": "assistant", "content": rejected}]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def openmill_losses(folder, data, valid, out, loss, beta):
+    cfg = DpoConfig(train=[data], valid=[valid], loss=loss, beta=beta, steps=STEPS, batch_size=len(PAIRS), lr=LR,
+                    schedule="constant", warmup_steps=0, weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0,
+                    seq_len=64, log_every=1, eval_every=100, checkpoint_every=100)
+    _, metrics = run_dpo(cfg, folder, out, seed=0, log=lambda *a: None)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    return [r["loss"] for r in records if "loss" in r], metrics
+
+
+def trl_losses(hf_dir, data, out, loss, beta):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=len(PAIRS), max_steps=STEPS, learning_rate=LR,
+                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+                     adam_epsilon=1e-8, max_grad_norm=1.0, logging_steps=1, beta=beta,
+                     loss_type=[{"sigmoid": "sigmoid", "dpo_norm": "sigmoid_norm", "ipo": "ipo"}[loss]],
+                     precompute_ref_log_probs=True, report_to="none", use_cpu=True, seed=0, save_strategy="no",
+                     max_length=None, bf16=False, fp16=False, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=args, processing_class=tok, train_dataset=load_dataset("json", data_files=str(data))["train"])
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+# ~30 s each on 2 cores: sigmoid runs in the default suite, the other losses with the slow ones.
+@pytest.mark.parametrize("loss,beta", [("sigmoid", 0.1), pytest.param("dpo_norm", 5.0, marks=pytest.mark.slow), pytest.param("ipo", 0.1, marks=pytest.mark.slow)])
+def test_ten_steps_match_trl(tmp_path, tokenizer_path, loss, beta):
+    pytest.importorskip("trl")
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    export_hf(folder, tmp_path / "hf")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    ours, metrics = openmill_losses(folder, data, write_pairs(tmp_path / "valid.jsonl", PAIRS[:2]), tmp_path / "ours", loss, beta)
+    theirs = trl_losses(tmp_path / "hf", data, tmp_path / "trl", loss, beta)
+    assert len(ours) == len(theirs) == STEPS
+    if loss != "ipo":  # at step 0 the policy is the reference: d = 0
+        assert ours[0] == pytest.approx(0.6931472, abs=1e-6)
+    assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-5)
+    assert ours[-1] < ours[0]
+
+
+def test_bad_pair_records_fail_naming_file_and_record_or_are_counted(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    records = [
+        {"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "gpt", "value": "hello"}, "rejected": {"from": "gpt", "value": "bye"}},
+        {"conversations": [{"value": "no role"}], "chosen": "a", "rejected": "b"},
+        {"conversations": [{"from": "human", "value": "hi"}], "chosen": "  ", "rejected": "b"},
+        {"question": "?", "answer": "!"},
+    ]
+    bad.write_text("\n".join(json.dumps(r) for r in records))
+    with pytest.raises(AlignDataError, match=r"bad.jsonl: record 1: conversations\[0\]: no 'from' \(role\)"):
+        load_pairs([bad])
+    loaded = load_pairs([bad], bad_records="skip")
+    assert len(loaded.items) == 1
+    assert dict(loaded.skipped) == {"missing_role": 1, "empty_answer": 1, "unknown_format": 1}

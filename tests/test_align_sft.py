@@ -1,0 +1,45 @@
+"""SFT: packed and one-per-row batches give the same loss; the stage lowers held-out loss."""
+
+import json
+
+import pytest
+import torch
+
+from openmill.align.config import SftConfig
+from openmill.align.sft import collate, pack, sft_loss, tokenize
+from openmill.textmodel import TextTokenizer
+from openmill.train.pretrain import load_model_folder
+
+from .test_export_hf import make_model_folder, tokenizer_path  # noqa: F401 (fixture)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am a tiny model."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是一个小模型。"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}],
+]
+
+
+def test_packed_and_padded_batches_give_the_same_loss(tmp_path, tokenizer_path):
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    model, _ = load_model_folder(folder)
+    tok = TextTokenizer.from_folder(folder)
+    examples, dropped = tokenize(CONVERSATIONS, tok, SftConfig(seq_len=model.cfg.max_seq_len), "test")
+    assert not dropped
+    packed = pack(examples, model.cfg.max_seq_len)
+    assert len(packed) < len(examples)  # at least two conversations share a row
+    with torch.no_grad():
+        got = sft_loss(model, *collate(packed, tok.pad_id))
+        want = sft_loss(model, *collate([[ex] for ex in examples], tok.pad_id))
+        # and the per-row padded batch is plain causal attention: no document mask needed
+        x, y, _ = collate([[ex] for ex in examples], tok.pad_id)
+        plain = model(x, targets=y)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain, want, atol=1e-6, rtol=1e-6)
+
+
+def test_too_long_is_dropped_and_counted_or_fails(tmp_path, tokenizer_path):
+    tok = TextTokenizer.from_folder(make_model_folder(tmp_path, tokenizer_path))
+    examples, dropped = tokenize(CONVERSATIONS, tok, SftConfig(seq_len=12), "t")
+    assert dropped["too_long"] == 3 - len(examples) > 0
+    with pytest.raises(ValueError, match="t: conversation 0 has .* tokens, more than seq_len 12"):
+        tokenize(CONVERSATIONS, tok, SftConfig(seq_len=12, too_long="fail"), "t")
