@@ -43,3 +43,22 @@ def test_too_long_is_dropped_and_counted_or_fails(tmp_path, tokenizer_path):
     assert dropped["too_long"] == 3 - len(examples) > 0
     with pytest.raises(ValueError, match="t: conversation 0 has .* tokens, more than seq_len 12"):
         tokenize(CONVERSATIONS, tok, SftConfig(seq_len=12, too_long="fail"), "t")
+
+
+def test_sft_stage_lowers_heldout_loss_on_the_embedded_sample(tmp_path, tokenizer_path):
+    from pathlib import Path
+
+    from openmill.align.sft import run_sft
+    from openmill.textmodel import load_text_model
+
+    data = Path(__file__).resolve().parents[1] / "data" / "align" / "identity_sft.jsonl"
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    cfg = SftConfig(train=[data], valid_fraction=0.1, seq_len=64, steps=20, batch_size=4, lr=3e-3, warmup_steps=2,
+                    eval_every=20, checkpoint_every=20, chat_prompts=["Who are you?"], chat_max_new_tokens=4)
+    outputs, metrics = run_sft(cfg, folder, tmp_path / "sft", seed=0, log=lambda *a: None)
+    assert metrics["val_loss"]["final"] < metrics["val_loss"]["step0"]
+    assert metrics["dropped_too_long"]["too_long"] > 0  # seq_len 64 is short for the Chinese answers: counted
+    assert metrics["train_conversations"] + metrics["valid_conversations"] + metrics["dropped_too_long"]["too_long"] == 91
+    assert len(metrics["chat"]) == 1
+    model, tok = load_text_model(tmp_path / "sft" / "final")  # a plain model folder with the template trained on
+    assert tok.info.chat_template == TextTokenizer.from_folder(folder).info.chat_template
