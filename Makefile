@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow setup setup-dev setup-slow clean
+.PHONY: demo test test-slow test-llamacpp setup setup-dev setup-slow setup-llamacpp clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -22,6 +22,13 @@ test: setup-dev
 ## Slow and optional checks (the whole tiny pipeline, Ray's local mode).
 test-slow: setup-slow
 	$(PY) -m pytest -q -m slow
+
+## Parity with llama.cpp (builds llama-cpp-python from source the first time: ~10+ minutes on 2 cores).
+test-llamacpp: setup-llamacpp
+	$(PY) -m pytest -q -m llamacpp
+
+setup-llamacpp:
+	@CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" bash scripts/setup_env.sh dev,llamacpp
 
 setup-slow:
 	@bash scripts/setup_env.sh dev,ray

@@ -5,6 +5,8 @@
     openmill generate RUN_OR_MODEL --prompt TEXT        samples from a trained model
     openmill export RUN_OR_MODEL --format hf|gguf --out PATH
     openmill import SOURCE --out DIR                    a HF folder or a GGUF file -> model folder
+    openmill serve RUN_OR_MODEL [--port 8000]           OpenAI-compatible HTTP server
+    openmill chat RUN_OR_MODEL [--system TEXT]          terminal chat with streaming output
 
 Bad input ends with one line `error: ...` and exit status 2, never a traceback.
 """
@@ -156,6 +158,62 @@ def generate_cmd(
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     for s in complete(folder, prompt, cfg, seed):
         typer.echo(f"{s['prompt']}{s['completion']}")
+
+
+QuantizeOpt = Annotated[Optional[str], typer.Option(help="weight-only quantization for inference: int8 or int4")]
+
+
+@app.command("serve")
+def serve_cmd(
+    model: ModelArg,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: Annotated[Optional[str], typer.Option(help="the model id clients ask for (default: the folder's name)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="OPENMILL_API_KEY", help="require 'Authorization: Bearer KEY'")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together")] = 8,
+    max_context: Annotated[int, typer.Option(min=2, help="prompt + completion tokens per request")] = 2048,
+    max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask for")] = 1024,
+    quantize: QuantizeOpt = None,
+):
+    """Serve a model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
+    try:
+        from openmill.serve.app import ServeLimits, serve
+    except ImportError as e:
+        _fail(f"openmill serve needs the serve extra (pip install 'openmill[serve]'): {e}")
+    limits = ServeLimits(max_batch=max_batch, max_context=max_context, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens))
+    serve(_model_folder(model), host, port, name, limits, api_key, quantize)
+
+
+@app.command("chat")
+def chat_cmd(
+    model: ModelArg,
+    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
+    max_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    max_context: int = 2048,
+    quantize: QuantizeOpt = None,
+):
+    """Chat with a model in the terminal (/reset, /exit)."""
+    from openmill.export import ExportError
+    from openmill.generate import Engine, SamplingParams
+    from openmill.generate.quantize import quantize_model
+    from openmill.serve.chat import run_chat
+    from openmill.textmodel import load_text_model
+
+    folder = _model_folder(model)
+    try:
+        params = SamplingParams(max_tokens, temperature, None, top_p, repetition_penalty, seed)
+        loaded, tok = load_text_model(folder)
+        if tok.info.chat_template is None:
+            _fail(f"{folder}: this model has no chat template")
+        if quantize:
+            quantize_model(loaded, quantize)
+    except (ValueError, ExportError) as e:
+        _fail(str(e))
+    run_chat(Engine(loaded, max_batch=1, max_len=max_context, decode=tok.decode), tok, params, system)
 
 
 def main() -> None:

@@ -122,6 +122,12 @@ class Engine:
             self._accept(s, logits[s.row])
         return live
 
+    def cancel(self, seq: Request | None) -> None:
+        """Stop a request now (its client went away) and free its row."""
+        if seq is not None and not seq.done:
+            seq.finish_reason = "cancelled"
+            self.rows[seq.row] = None
+
     def _accept(self, seq: Request, logits: torch.Tensor) -> None:
         seen = torch.tensor(seq.prompt + seq.tokens, device=logits.device) if seq.params.repetition_penalty != 1.0 else None
         token = choose(logits, seq.params, seen if seen is not None else torch.empty(0, dtype=torch.long), seq.generator)

@@ -1,0 +1,232 @@
+"""OpenAI-compatible HTTP API over one model folder: /v1/models, /v1/completions,
+/v1/chat/completions (streaming as server-sent events ending with `data: [DONE]`), /health.
+
+Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with its statuses:
+400 bad request (malformed JSON, a bad field, a prompt over the context), 401 wrong API key,
+404 unknown model. Every request goes to the BatchWorker, which batches concurrent ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request  # the `serve` extra; FastAPI resolves handler annotations from module globals
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from openmill.generate import Engine, SamplingParams
+from openmill.serve.worker import BatchWorker, Job
+from openmill.textmodel import TextTokenizer
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_batch: int = 8  # rows decoded together
+    max_context: int = 2048  # prompt + completion tokens per request (the KV cache's length)
+    max_tokens: int = 1024  # largest max_tokens a request may ask for
+    default_max_tokens: int = 256
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logit_bias, ...)
+    model: str
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)  # extension (vLLM's name)
+    repetition_penalty: float = Field(1.0, gt=0)  # extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(1, ge=1, le=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+
+
+def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits = ServeLimits(), api_key: str | None = None):
+    engine = Engine(model, max_batch=limits.max_batch, max_len=limits.max_context, decode=tokenizer.decode)
+    worker = BatchWorker(engine)
+    context = engine.max_len
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        worker.close()
+
+    app = FastAPI(title="openmill", version="1", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def parse(request: Request, kind: type[_Request]) -> _Request:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from None
+        try:
+            req = kind.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"])
+            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        if req.model != name:
+            raise APIError(404, f"the model {req.model!r} does not exist (this server has {name!r})", param="model", code="model_not_found")
+        return req
+
+    def sampling(req: _Request, n_prompt: int) -> SamplingParams:
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if asked is not None and asked > limits.max_tokens:
+            raise APIError(400, f"max_tokens: {asked} is over this server's limit of {limits.max_tokens}", param="max_tokens")
+        if n_prompt >= context:
+            raise APIError(
+                400, f"the prompt has {n_prompt} tokens; this model's context is {context}", param="messages", code="context_length_exceeded"
+            )
+        room = context - n_prompt
+        max_new = min(asked if asked is not None else limits.default_max_tokens, room)
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        seed = req.seed if req.seed is not None else uuid.uuid4().int % 2**31
+        return SamplingParams(max_new, req.temperature, req.top_k, req.top_p, req.repetition_penalty, seed, stop)
+
+    def usage(prompt: int, completion: int) -> dict:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def run(job: Job, request: Request):
+        """Yield the job's events until it is done; cancel it if the client disconnects."""
+        worker.submit(job)
+        try:
+            while True:
+                event = await job.events.get()
+                yield event
+                if event[0] in ("done", "error"):
+                    return
+        finally:
+            job.cancelled = True  # no-op once done
+
+    async def respond(req: _Request, prompt: list[int], request: Request, chat: bool):
+        params = sampling(req, len(prompt))
+        job = Job(prompt, params, tokenizer.stop_ids, asyncio.get_running_loop())
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created, "model": name}
+        if not req.stream:
+            text, done = [], None
+            async for event in run(job, request):
+                if event[0] == "delta":
+                    text.append(event[1])
+                elif event[0] == "error":
+                    raise APIError(500, event[1], "server_error")
+                else:
+                    done = event
+            _, reason, n_prompt, n_out = done
+            choice = {"index": 0, "finish_reason": reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": "".join(text)}
+            else:
+                choice.update(text="".join(text), logprobs=None)
+            obj = "chat.completion" if chat else "text_completion"
+            return JSONResponse({**head, "object": obj, "choices": [choice], "usage": usage(n_prompt, n_out)})
+
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, reason: str | None, role: bool = False) -> str:
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+                choice = {"index": 0, "delta": d, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            body = {**head, "object": obj, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            if chat:
+                yield chunk(None, None, role=True)
+            async for event in run(job, request):
+                if event[0] == "delta":
+                    yield chunk(event[1], None)
+                elif event[0] == "error":
+                    yield f"data: {json.dumps(APIError(500, event[1], 'server_error').body())}\n\n"
+                    break
+                else:
+                    _, reason, n_prompt, n_out = event
+                    yield chunk(None, reason)
+                    if include_usage:
+                        yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage(n_prompt, n_out)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "active": len(engine.active), "waiting": worker.waiting.qsize()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "openmill"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "prompt: give one string (batches of prompts are not supported)", param="prompt")
+        ids = tokenizer.document_prefix() + tokenizer.encode(prompts[0])
+        return await respond(req, ids, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatRequest)
+        ids = tokenizer.encode_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
+        return await respond(req, ids, request, chat=True)
+
+    return app
+
+
+def serve(folder, host: str, port: int, name: str | None, limits: ServeLimits, api_key: str | None, quantize: str | None = None):
+    """Load the model folder and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from openmill.generate.quantize import quantize_model
+    from openmill.textmodel import load_text_model
+
+    model, tokenizer = load_text_model(folder)
+    if quantize:
+        quantize_model(model, quantize)
+    app = create_app(model, tokenizer, name or folder.name, limits, api_key)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,98 @@
+"""One thread owns the engine; requests from any number of HTTP handlers meet in its batch.
+
+Continuous batching: between two decode steps the worker admits every waiting request for which a
+row is free (prefilling it into that row), so a request never waits for the others to finish,
+and all active requests share each step's forward. Results go back to each request's asyncio
+queue as events: ("delta", text), then ("done", finish_reason, prompt_tokens, completion_tokens)
+or ("error", message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from openmill.generate import Engine, SamplingParams
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: tuple[int, ...]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # the client went away: free its row at the next step
+
+    def emit(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class BatchWorker:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.waiting: queue.Queue[Job] = queue.Queue()
+        self.jobs: dict[int, Job] = {}  # engine row -> job
+        self.steps = 0  # batched decode forwards, and the rows they carried (for the tests and /health)
+        self.rows_decoded = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="openmill-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.waiting.put(job)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.active:
+                try:  # idle: block until a request arrives
+                    self._admit(self.waiting.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+            while self.engine.free_rows:
+                try:
+                    self._admit(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            for row, job in list(self.jobs.items()):
+                if job.cancelled:
+                    self.engine.cancel(self.engine.rows[row])
+                    del self.jobs[row]
+            if not self.engine.active:
+                continue
+            try:
+                advanced = self.engine.step()
+            except Exception as e:  # noqa: BLE001 (report to every client in the batch, keep serving)
+                for row, job in self.jobs.items():
+                    self.engine.cancel(self.engine.rows[row])
+                    job.emit("error", f"generation failed: {e}")
+                self.jobs.clear()
+                continue
+            self.steps += 1
+            self.rows_decoded += len(advanced)
+            for seq in advanced:
+                self._report(seq, self.jobs[seq.row])
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:  # its client left while it waited
+            return
+        try:
+            seq = self.engine.add(job.prompt, job.params, job.stop_ids)
+        except Exception as e:  # noqa: BLE001 (one bad request must not stop the worker)
+            job.emit("error", str(e))
+            return
+        self.jobs[seq.row] = job
+        self._report(seq, job)
+
+    def _report(self, seq, job: Job) -> None:
+        if seq.delta:
+            job.emit("delta", seq.delta)
+        if seq.done:
+            job.emit("done", seq.finish_reason, len(seq.prompt), len(seq.tokens))
+            self.jobs.pop(seq.row, None)
