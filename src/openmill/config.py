@@ -154,6 +154,9 @@ class PretrainConfig(Strict):
     # Sampling weight of each domain (renormalised); missing domains are not trained on.
     mixture: dict[str, float] = Field(default_factory=dict)
 
+    # muon: Muon on the blocks' matrices + AdamW on embeddings/head/norms (train/muon.py), one lr.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -181,6 +184,8 @@ class PretrainConfig(Strict):
     def _batch(self):
         if self.batch_size % self.grad_accum != 0:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ValueError("optimizer muon needs whole matrices to orthogonalize; use parallel ddp (or auto), not fsdp")
         return self
 
 

@@ -41,7 +41,11 @@ def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (norm gains are not decayed)."""
+    """AdamW, or Muon + AdamW (train/muon.py); weight decay on matrices only (norm gains are not decayed)."""
+    if cfg.optimizer == "muon":
+        from openmill.train.muon import Muon
+
+        return Muon(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
