@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from openmill.align.config import DpoConfig, SftConfig
 from openmill.data.curate.config import CurateConfig
+from openmill.train.heurimentor_config import MonitorConfig, PhaseConfig, PolicyConfig, SourceConfig
 
 
 class RecipeError(ValueError):
@@ -180,12 +181,25 @@ class PretrainConfig(Strict):
     tensorboard: bool = True
     init_from: Path | None = None  # start from these weights (fresh optimizer); for continued pretraining
 
+    # HeuriMentor (docs/heurimentor.md): training phases, per-source rules, mixture policy, monitor.
+    # Without phases the run is one implicit phase of the fields above.
+    phases: list[PhaseConfig] = Field(default_factory=list)
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
     @model_validator(mode="after")
     def _batch(self):
         if self.batch_size % self.grad_accum != 0:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise ValueError("optimizer muon needs whole matrices to orthogonalize; use parallel ddp (or auto), not fsdp")
+        if self.phases and sum(p.steps for p in self.phases) != self.steps:
+            total = sum(p.steps for p in self.phases)
+            raise ValueError(f"phases: their steps sum to {total}, but steps is {self.steps}; make them equal")
+        for phase in self.phases:
+            if (phase.batch_size or self.batch_size) % self.grad_accum:
+                raise ValueError(f"phases.{phase.name}.batch_size must be divisible by grad_accum ({self.grad_accum})")
         return self
 
 
@@ -231,7 +245,11 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _mixtures_name_domains(self):
-        for section, mix in (("tokenizer.mixture", self.tokenizer.mixture), ("pretrain.mixture", self.pretrain.mixture)):
+        mixtures = [("tokenizer.mixture", self.tokenizer.mixture), ("pretrain.mixture", self.pretrain.mixture)]
+        mixtures += [(f"pretrain.phases.{p.name}.mixture", p.mixture) for p in self.pretrain.phases]
+        mixtures += [("pretrain.sources", {name: 1.0 for name in self.pretrain.sources})]
+        mixtures += [("pretrain.policy.reference", self.pretrain.policy.reference)]
+        for section, mix in mixtures:
             for name, weight in mix.items():
                 if name not in self.data.domains:
                     raise ValueError(f"{section}.{name}: unknown domain; choices: {', '.join(self.data.domains)}")

@@ -11,7 +11,22 @@ Numerically this is the same math as the plain path (tests/test_fused_loss.py co
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+# Observers of per-token losses (the training monitor's per-source loss, train/monitor.py): while a
+# list is registered, each forward appends its detached (N,) token losses to it. Empty: no cost.
+_TOKEN_LOSS_SINKS: list[list] = []
+
+
+@contextlib.contextmanager
+def record_token_losses(sink: list):
+    _TOKEN_LOSS_SINKS.append(sink)
+    try:
+        yield sink
+    finally:
+        _TOKEN_LOSS_SINKS.remove(sink)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -26,6 +41,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 math for bf16/fp16 inputs
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        token_losses = [] if _TOKEN_LOSS_SINKS else None
         for s in range(0, hidden.shape[0], chunk):
             h, t, k = hidden[s : s + chunk], targets[s : s + chunk], keep[s : s + chunk]
             logits = (h @ w.t()).to(acc)  # (n, V)
@@ -36,7 +52,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(peak).exp_()
             norm = probs.sum(dim=-1, keepdim=True)
             lse = (peak + norm.log()).squeeze(1)
-            total += ((lse - picked) * k).sum()
+            per_token = (lse - picked) * k
+            total += per_token.sum()
+            if token_losses is not None:
+                token_losses.append(per_token.detach())
             if need_grad:
                 # d loss / d logits = (softmax - onehot) / n_keep on kept rows.
                 scale = k.to(acc) / n_keep
@@ -48,6 +67,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h)  # accumulate without a (V, C) temporary
                 else:
                     grad_w += (g.t() @ h).to(acc)
+        if token_losses is not None:
+            for sink in _TOKEN_LOSS_SINKS:
+                sink.append(torch.cat(token_losses))
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / n_keep

@@ -32,25 +32,29 @@ class MixtureSampler:
             raise ValueError("mixture weights sum to zero")
         self.weights = {d: weights.get(d, 0.0) / total for d in self.domains}
 
-    def global_batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(domain index per row, start offset per row) for the whole global batch of `step`."""
+    def global_batch(self, step: int, batch_size: int, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(domain index per row, start offset per row) for the whole global batch of `step`.
+
+        `seq_len` (at most the sampler's) lets a training phase use shorter windows."""
+        seq_len = seq_len or self.seq_len
         rng = np.random.default_rng([self.seed, step])
         p = np.array([self.weights[d] for d in self.domains])
         domain_idx = rng.choice(len(self.domains), size=batch_size, p=p)
         # One uniform draw per row, scaled to that row's domain length: no per-row generator needed.
         u = rng.random(batch_size)
-        limits = np.array([self.shards[self.domains[i]].n_tokens - self.seq_len - 1 for i in domain_idx])
+        limits = np.array([self.shards[self.domains[i]].n_tokens - seq_len - 1 for i in domain_idx])
         starts = (u * limits).astype(np.int64)
         return domain_idx, starts
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1):
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, seq_len: int | None = None):
         """This rank's rows of step `step`: inputs (b, T), targets (b, T), domain index (b,), as int64 tensors."""
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} is not divisible by {world} processes")
-        domain_idx, starts = self.global_batch(step, batch_size)
+        seq_len = seq_len or self.seq_len
+        domain_idx, starts = self.global_batch(step, batch_size, seq_len)
         lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
         rows = np.stack(
-            [self.shards[self.domains[d]].read(int(s), self.seq_len + 1) for d, s in zip(domain_idx[lo:hi], starts[lo:hi])]
+            [self.shards[self.domains[d]].read(int(s), seq_len + 1) for d, s in zip(domain_idx[lo:hi], starts[lo:hi])]
         )
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:], torch.from_numpy(domain_idx[lo:hi].astype(np.int64))

@@ -118,9 +118,12 @@ class Resumable:
     folder: Path
 
 
-def latest_good(root: Path, log=print) -> Resumable | None:
-    """The newest checkpoint whose checksums hold; every bad one on the way is reported."""
+def latest_good(root: Path, log=print, at_most: int | None = None) -> Resumable | None:
+    """The newest checkpoint (of a step <= at_most, when given) whose checksums hold; every bad
+    one on the way is reported."""
     for step, folder in reversed(list_checkpoints(root)):
+        if at_most is not None and step > at_most:
+            continue
         problem = verify(folder)
         if problem is None:
             return Resumable(step, folder)

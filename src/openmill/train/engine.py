@@ -84,6 +84,36 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
 
 
+class TrainingHooks:
+    """What the loop lets an observer/controller do (train/heurimentor.py is the full one); the
+    defaults change nothing. Every hook runs at a step boundary or on device without a host sync,
+    except where its docstring says otherwise."""
+
+    def lr(self, step: int, cfg: PretrainConfig) -> float:
+        return lr_at(step, cfg)
+
+    def capture(self, tags: torch.Tensor):
+        """Context around one micro-batch's forward + backward (per-source loss capture)."""
+        return contextlib.nullcontext()
+
+    def allow_update(self, step: int, loss: torch.Tensor) -> bool:
+        """After the backward of step `step`: False drops the optimizer step."""
+        return True
+
+    def at_boundary(self, trainer: "Trainer") -> None:
+        """Before each step (phase changes, live control, SIGTERM)."""
+
+    def at_log(self, trainer: "Trainer", step: int) -> dict:
+        """At log and checkpoint steps (host syncs are allowed): extra metrics; may rewind the trainer."""
+        return {}
+
+    def after_eval(self, trainer: "Trainer", step: int, results: dict[str, float]) -> None:
+        pass
+
+    def before_save(self, trainer: "Trainer", step: int) -> None:
+        """At checkpoint steps, before the checkpoint is written (weight statistics)."""
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -105,12 +135,14 @@ class Trainer:
         stateful: dict | None = None,
         meta: dict | None = None,
         log=print,
+        hooks: TrainingHooks | None = None,
     ):
         self.model, self.raw, self.cfg, self.world = model, raw_model, cfg, world
         self.out_dir = Path(out_dir)
         self.batch_fn, self.eval_fn, self.loss_fn = batch_fn, eval_fn, loss_fn
         self.stateful = stateful or {}  # name -> object with state_dict / load_state_dict
         self.meta = meta or {}
+        self.hooks = hooks or TrainingHooks()
         self.log = log if world.is_main else (lambda *a, **k: None)
         fused = world.device.type == "cuda" or world.size == 1
         self.optimizer = make_optimizer(model, cfg, fused=fused)
@@ -124,8 +156,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ resumption
 
-    def resume(self) -> bool:
-        found = ckpt.latest_good(self.out_dir / "checkpoints", log=self.log)
+    def resume(self, at_most: int | None = None) -> bool:
+        """Load the newest good checkpoint (of a step <= at_most, when given: a rewind)."""
+        found = ckpt.latest_good(self.out_dir / "checkpoints", log=self.log, at_most=at_most)
         if found is None:
             return False
         trainer = ckpt.load_checkpoint(found.folder, self.model, self.optimizer)
@@ -163,7 +196,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step. Returns (mean loss, grad norm) as tensors (no host sync) and tokens."""
         cfg, step = self.cfg, self.state.step
-        lr = lr_at(step, cfg)
+        lr = self.hooks.lr(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = self.batch_fn(step)
@@ -174,7 +207,8 @@ class Trainer:
             if last and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(True)
             inputs, targets, extra = (t.to(self.world.device) for t in (inputs, targets, extra))
-            with self._sync_context(last), self.autocast:
+            # For pretraining `extra` is each row's source index (the monitor's per-source loss).
+            with self._sync_context(last), self.autocast, self.hooks.capture(extra):
                 loss = self.loss_fn(self.model, inputs, targets, extra) / len(micro)
                 loss.backward()
             total += loss.detach()
@@ -183,7 +217,8 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         else:
             norm = torch.zeros(())
-        self.optimizer.step()
+        if self.hooks.allow_update(step, total):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm, tokens * self.world.size
 
@@ -197,6 +232,7 @@ class Trainer:
     def fit(self, metrics: MetricsLog, progress=None) -> dict:
         """Train from self.state.step to cfg.steps; returns the first and last evaluation."""
         cfg = self.cfg
+        self.metrics = metrics  # hooks log their events here
         fpt = flops_per_token(self.raw, cfg.seq_len)
         peak = peak_flops(self.world.device)
         first_eval = None
@@ -208,6 +244,8 @@ class Trainer:
         window_steps = 0
         self.model.train()
         while self.state.step < cfg.steps:
+            self.hooks.at_boundary(self)
+            lr = self.hooks.lr(self.state.step, cfg)
             loss, norm, tokens = self.train_step()
             self.state.step += 1
             self.state.tokens += tokens
@@ -215,30 +253,37 @@ class Trainer:
             window_tokens += tokens
             window_steps += 1
             step = self.state.step
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.checkpoint_every == 0:
                 mean_loss = all_reduce_mean(running / window_steps).item()  # the one host sync per log
+                tps = window_tokens / (time.perf_counter() - t0)
+                running.zero_()
+                window_tokens, window_steps = 0, 0
+                extra = self.hooks.at_log(self, step)  # may rewind to an earlier checkpoint
+                if self.state.step != step:
+                    t0 = time.perf_counter()
+                    continue
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"loss is {mean_loss} at step {step}")
-                dt = time.perf_counter() - t0
-                tps = window_tokens / dt
                 metrics.log(
                     step,
                     loss=mean_loss,
                     grad_norm=float(norm),
-                    lr=lr_at(step - 1, cfg),
+                    lr=lr,
                     tokens=self.state.tokens,
                     tokens_per_s=tps,
                     mfu=tps * fpt / (peak * self.world.size),
+                    **extra,
                 )
                 if progress is not None:
                     progress(step, mean_loss, tps)
-                running.zero_()
-                window_tokens, window_steps, t0 = 0, 0, time.perf_counter()
+                t0 = time.perf_counter()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 last_eval = self.evaluate()
                 metrics.log(step, **last_eval)
+                self.hooks.after_eval(self, step, last_eval)
                 t0 = time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                self.hooks.before_save(self, step)
                 self.save()
                 t0 = time.perf_counter()
         return {"first_eval": first_eval, "last_eval": last_eval}

@@ -3,7 +3,9 @@
     pretrain/
         checkpoints/step_XXXXXX/   resumable state (see train/checkpoint.py)
         final/                     model.safetensors + model.json + tokenizer.json: a self-contained model
-        metrics.jsonl  tb/         training and validation metrics
+        metrics.jsonl  tb/         training and validation metrics, HeuriMentor's events
+        report.md  *.png           the monitor's end-of-run report (docs/heurimentor.md)
+        control.yaml               live control of a running job (openmill control)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
 from openmill.config import ModelConfig, Recipe
-from openmill.data.mixture import MixtureSampler
+from openmill.data.dmu import DataManagementUnit
 from openmill.data.shards import TokenShards
 from openmill.model import Transformer, build_model
 from openmill.export.folder import TokenizerInfo, write_model_folder
@@ -28,6 +30,9 @@ from openmill.rundir import fingerprint
 from openmill.tokenizer import Tokenizer
 from openmill.train.checkpoint import barrier, is_main_process, list_checkpoints
 from openmill.train.engine import Trainer
+from openmill.train.heurimentor import HeuriMentor
+from openmill.train.monitor import TrainingMonitor
+from openmill.train.report import write_report
 from openmill.train.metrics import MetricsLog, read_metrics
 from openmill.train.parallel import init_world, parallelize, unwrap
 
@@ -107,7 +112,7 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     domains = [d for d, w in weights.items() if w > 0]
     train = {d: TokenShards(Path(tokens_dir) / d / "train") for d in domains}
     valid = {d: TokenShards(Path(tokens_dir) / d / "valid") for d in recipe.data.domains}
-    sampler = MixtureSampler(train, weights, cfg.seq_len, recipe.seed)
+    dmu = DataManagementUnit(cfg, weights, train, recipe.seed)
 
     if cfg.init_from is not None:  # continued pretraining: the shape comes with the weights
         raw, model_cfg = load_model_folder(cfg.init_from, device=world.device)
@@ -123,19 +128,23 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     n_params = sum(p.numel() for p in raw.parameters())
     model = parallelize(raw, world, cfg.parallel, cfg.compile)
 
-    local_batch = cfg.batch_size // world.size
-    if cfg.batch_size % (world.size * cfg.grad_accum):
-        raise ValueError(
-            f"pretrain.batch_size ({cfg.batch_size}) must divide by processes x grad_accum ({world.size} x {cfg.grad_accum})"
-        )
-    micro = local_batch // cfg.grad_accum
+    for phase in dmu.phases:
+        size = phase.batch_size or cfg.batch_size
+        if size % (world.size * cfg.grad_accum):
+            raise ValueError(
+                f"pretrain batch size {size} (phase {phase.name}) must divide by processes x grad_accum ({world.size} x {cfg.grad_accum})"
+            )
 
     def batch_fn(step: int):
-        x, y, tags = sampler.batch(step, cfg.batch_size, world.rank, world.size)
-        return [(x[i : i + micro], y[i : i + micro], tags[i : i + micro]) for i in range(0, local_batch, micro)]
+        # The phase of `step` decides batch size and window length (data/dmu.py).
+        x, y, tags = dmu.batch(step, world.rank, world.size)
+        micro = len(x) // cfg.grad_accum
+        return [(x[i : i + micro], y[i : i + micro], tags[i : i + micro]) for i in range(0, len(x), micro)]
 
     validation = Validation(valid, tokenizer.token_bytes(), cfg.seq_len, cfg.eval_tokens, world.device)
     out_dir = Path(out_dir)
+    monitor = TrainingMonitor(cfg.monitor, dmu.sources, world.device)
+    hooks = HeuriMentor(cfg, dmu, monitor, world, out_dir.parent, log=log)
     trainer = Trainer(
         model,
         raw,
@@ -144,9 +153,10 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         out_dir,
         batch_fn,
         eval_fn=validation,
-        stateful={"mixture": sampler},
+        stateful={"dmu": dmu, "monitor": monitor, "heurimentor": hooks},
         meta={"model": model_cfg.model_dump(mode="json"), "recipe": recipe.name},
         log=log,
+        hooks=hooks,
     )
     resume_key = fingerprint(recipe.model_dump(mode="json", include={"seed", "data", "model", "pretrain"}), [])
     _drop_foreign_checkpoints(out_dir / "checkpoints", resume_key, log)
@@ -170,8 +180,11 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         def progress(step, loss, tps):
             bar.update(task, completed=step, status=f"loss {loss:.3f}  {tps:,.0f} tok/s")
 
-        trainer.fit(metrics, progress)
+        with hooks.sigterm_checkpoints():
+            trainer.fit(metrics, progress)
     metrics.close()
+    if world.is_main and cfg.monitor.report:
+        write_report(out_dir, dmu.sources)
 
     final = out_dir / "final"
     plain = unwrap_full(model, raw)  # collective under FSDP: every rank takes part
