@@ -7,6 +7,7 @@
     openmill import SOURCE --out DIR                    a HF folder or a GGUF file -> model folder
     openmill serve RUN_OR_MODEL [--port 8000]           OpenAI-compatible HTTP server
     openmill chat RUN_OR_MODEL [--system TEXT]          terminal chat with streaming output
+    openmill control RUN --set data.weights.zh=0.4      live change of a running pretraining job
 
 Bad input ends with one line `error: ...` and exit status 2, never a traceback.
 """
@@ -139,6 +140,23 @@ def import_cmd(
     except ExportError as e:
         _fail(str(e))
     typer.echo(f"wrote {out}")
+
+
+@app.command("control")
+def control_cmd(
+    run: Annotated[Path, typer.Argument(help="the run directory of a running (or resumable) pretraining job")],
+    set: SetOpt = None,
+):
+    """Change a running pretraining job at its next step boundary: --set data.weights.zh=0.4 --set lr_scale=0.5."""
+    from openmill.train.control import ControlError, write_settings
+
+    if not set:
+        _fail("nothing to set; e.g. openmill control runs/tiny --set data.weights.zh=0.4")
+    try:
+        path = write_settings(run, set)
+    except (ControlError, RecipeError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}; the job applies it at its next step boundary (see its metrics.jsonl events)")
 
 
 @app.command("generate")

@@ -194,9 +194,8 @@ class PretrainConfig(Strict):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise ValueError("optimizer muon needs whole matrices to orthogonalize; use parallel ddp (or auto), not fsdp")
-        if self.phases and sum(p.steps for p in self.phases) != self.steps:
-            total = sum(p.steps for p in self.phases)
-            raise ValueError(f"phases: their steps sum to {total}, but steps is {self.steps}; make them equal")
+        if self.phases and self.steps < len(self.phases):
+            raise ValueError(f"steps ({self.steps}) must be at least the number of phases ({len(self.phases)})")
         for phase in self.phases:
             if (phase.batch_size or self.batch_size) % self.grad_accum:
                 raise ValueError(f"phases.{phase.name}.batch_size must be divisible by grad_accum ({self.grad_accum})")

@@ -38,11 +38,26 @@ def _normalise(weights: dict[str, float]) -> dict[str, float]:
     return {k: v / total for k, v in weights.items()}
 
 
+def scaled_phases(phases: list[PhaseConfig], total: int) -> list[PhaseConfig]:
+    """Phase budgets are the split of pretrain.steps: when their sum differs (pretrain.steps was
+    overridden) they are scaled in proportion, each at least 1 step, the last taking the remainder."""
+    planned = sum(p.steps for p in phases)
+    if planned == total:
+        return list(phases)
+    steps, used = [], 0
+    for i, p in enumerate(phases[:-1]):
+        n = max(1, min(round(p.steps * total / planned), total - used - (len(phases) - 1 - i)))
+        steps.append(n)
+        used += n
+    steps.append(total - used)
+    return [p.model_copy(update={"steps": n}) for p, n in zip(phases, steps)]
+
+
 class DataManagementUnit:
     def __init__(self, cfg: PretrainConfig, default_mixture: dict[str, float], train: dict[str, TokenShards], seed: int):
         self.cfg = cfg
         self.sources = list(train)
-        self.phases = cfg.phases or [PhaseConfig(name="main", steps=cfg.steps)]
+        self.phases = scaled_phases(cfg.phases, cfg.steps) if cfg.phases else [PhaseConfig(name="main", steps=cfg.steps)]
         self.default_mixture = default_mixture
         self.capacity = {s: t.n_tokens for s, t in train.items()}
         max_len = max([p.seq_len or cfg.seq_len for p in self.phases])

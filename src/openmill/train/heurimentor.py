@@ -142,7 +142,9 @@ class HeuriMentor(TrainingHooks):
 
     def _spike(self, trainer: Trainer, step: int, spike: dict) -> None:
         response = self.cfg.monitor.spike.response
-        self.event(trainer, step, {"event": "spike", **spike, "response": response})
+        details = {k: v for k, v in spike.items() if k != "step"}
+        # spike_step counts like the logged steps (1 = the first batch); spike["step"] is the batch index.
+        self.event(trainer, step, {"event": "spike", "spike_step": spike["step"] + 1, **details, "response": response})
         if response in ("none", "skip_update"):
             return
         if self.rewinds >= self.cfg.monitor.spike.max_rewinds:

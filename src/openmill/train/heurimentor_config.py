@@ -18,7 +18,8 @@ class _Strict(BaseModel):
 class PhaseConfig(_Strict):
     """One training phase (Aquila2's language modelling -> knowledge -> target-oriented stages).
 
-    `steps` is the phase's budget (its tokens are steps x batch_size x seq_len). Unset fields take
+    `steps` is the phase's budget (its tokens are steps x batch_size x seq_len); the phases split
+    pretrain.steps, and are scaled in proportion when pretrain.steps is overridden. Unset fields take
     the pretrain value. Without `lr`/`schedule` the run's global schedule continues through the
     phase; with either, the phase runs its own schedule over its own steps (warm-up included).
     """

@@ -116,7 +116,7 @@ class TrainingMonitor:
             ratios = dict(zip(self.sources, self.spike_ratio.tolist()))
             out["spike"] = {
                 "step": int(spike),
-                "loss": float(self.spike_loss),
+                "batch_loss": float(self.spike_loss),
                 "mean": float(self.spike_mean),
                 "std": float(self.spike_std),
                 "source": max(ratios, key=ratios.get) if any(v > 0 for v in ratios.values()) else None,
