@@ -112,7 +112,7 @@ def test_sigkill_resume_is_bit_exact_across_phases_and_mixture_changes(prepared,
 
 
 def test_live_control_changes_the_realized_mixture_and_refuses_bad_values(prepared, tmp_path, monkeypatch):
-    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=24", "pretrain.checkpoint_every=24", "pretrain.eval_every=24"])
+    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=24", "pretrain.checkpoint_every=24", "pretrain.eval_every=24", "pretrain.phases=[]"])
     real = HeuriMentor.at_boundary
     outputs = []
 
@@ -143,7 +143,7 @@ def test_live_control_changes_the_realized_mixture_and_refuses_bad_values(prepar
 
 def test_garbage_window_spike_is_flagged_and_the_source_downweighted(prepared, tmp_path, monkeypatch):
     extra = [
-        "pretrain.steps=40", "pretrain.checkpoint_every=8", "pretrain.log_every=4", "pretrain.eval_every=40",
+        "pretrain.steps=40", "pretrain.phases=[]", "pretrain.checkpoint_every=8", "pretrain.log_every=4", "pretrain.eval_every=40",
         "pretrain.schedule=constant", "pretrain.monitor.spike.min_steps=8", "pretrain.monitor.spike.response=downweight",
         "pretrain.monitor.spike.skip_batches=2", "pretrain.monitor.spike.sigmas=3",
     ]  # fmt: skip
