@@ -8,6 +8,8 @@
     openmill serve RUN_OR_MODEL [--port 8000]           OpenAI-compatible HTTP server
     openmill chat RUN_OR_MODEL [--system TEXT]          terminal chat with streaming output
     openmill control RUN --set data.weights.zh=0.4      live change of a running pretraining job
+    openmill upscale SRC --drop M [--copies K] --out DIR  depth up-scaling (SOLAR), streamed
+    openmill merge A B [C ...] --out DIR [--weights ...|--method slerp --t T]
 
 Bad input ends with one line `error: ...` and exit status 2, never a traceback.
 """
@@ -232,6 +234,50 @@ def chat_cmd(
     except (ValueError, ExportError) as e:
         _fail(str(e))
     run_chat(Engine(loaded, max_batch=1, max_len=max_context, decode=tok.decode), tok, params, system)
+@app.command("upscale")
+def upscale_cmd(
+    source: Annotated[Path, typer.Argument(help="an openmill model folder or a Hugging Face folder (config.json + safetensors)")],
+    drop: Annotated[str, typer.Option("--drop", help="m: layers dropped at each seam, a whole number < n/2 (SOLAR: 8 of 32)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the openmill model folder to write")],
+    copies: Annotated[int, typer.Option("--copies", help="k copies stacked (SOLAR: 2)")] = 2,
+):
+    """Depth Up-Scaling: stack COPIES copies of SOURCE, dropping DROP layers at each seam."""
+    from openmill.surgery import SurgeryError, depth_upscale, open_checkpoint
+    from openmill.surgery.tensorfile import PeakMemory
+
+    try:
+        ckpt = open_checkpoint(source)  # outside the measurement: its first model build imports ~80 MB of code
+        with PeakMemory() as peak:
+            done = depth_upscale(ckpt, out, drop, copies)
+    except SurgeryError as e:
+        _fail(str(e))
+    growth = f", peak memory +{peak.growth / 2**20:.0f} MiB" if peak.growth is not None else ""
+    typer.echo(f"wrote {out}: {done['layers']} layers from {done['source_layers']} "
+               f"({done['bytes_written'] / 2**20:.0f} MiB in {done['seconds']:.1f} s{growth}; "
+               f"largest tensor {done['largest_tensor_bytes'] / 2**20:.0f} MiB)")
+    typer.echo("new layer <- source layer: " + ", ".join(f"{i}<-{j}" for i, j in enumerate(done["layer_map"])))
+
+
+@app.command("merge")
+def merge_cmd(
+    sources: Annotated[list[Path], typer.Argument(help="two or more model folders of one architecture")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the openmill model folder to write")],
+    weights: Annotated[Optional[str], typer.Option("--weights", help="linear: comma-separated weights, normalised (default equal)")] = None,
+    method: Annotated[str, typer.Option("--method", help="linear or slerp")] = "linear",
+    t: Annotated[float, typer.Option("--t", help="slerp: 0 = first checkpoint, 1 = second")] = 0.5,
+):
+    """Average checkpoints' weights (linear) or interpolate two of them (slerp)."""
+    from openmill.surgery import SurgeryError, merge
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        _fail(f"--weights: expected comma-separated numbers, got {weights!r}")
+    try:
+        done = merge(sources, out, parsed, method, t)
+    except SurgeryError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}: {method} merge of {len(sources)} checkpoints, {done['tensors']} tensors in {done['seconds']:.1f} s")
 
 
 def main() -> None:
