@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from openmill.surgery import SurgeryError, merge
-from openmill.surgery.merge import slerp
+from openmill.surgery.merge import merge, slerp
+from openmill.surgery.source import SurgeryError
 from openmill.train.pretrain import load_model_folder
 
 from .test_export_hf import ids, make_model_folder, tokenizer_path  # noqa: F401 (fixture)

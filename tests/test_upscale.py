@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from openmill.export import export_hf
-from openmill.surgery import SurgeryError, depth_upscale, dus_layer_map, upscale
+from openmill.surgery.source import SurgeryError
+from openmill.surgery.upscale import depth_upscale, dus_layer_map, upscale
 from openmill.surgery.tensorfile import PeakMemory
 from openmill.train.pretrain import load_model_folder
 

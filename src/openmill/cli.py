@@ -1,7 +1,7 @@
 """The `openmill` command: one verb per stage, each a thin call into stages.py.
 
     openmill run RECIPE [--set a.b=v ...] [--force]     every stage the recipe lists
-    openmill curate|tokenizer|tokenize|pretrain RECIPE  one stage (its inputs must exist)
+    openmill curate|tokenizer|tokenize|pretrain|continue_pretrain RECIPE  one stage (its inputs must exist)
     openmill generate RUN_OR_MODEL --prompt TEXT        samples from a trained model
     openmill export RUN_OR_MODEL --format hf|gguf --out PATH
     openmill import SOURCE --out DIR                    a HF folder or a GGUF file -> model folder
@@ -65,6 +65,7 @@ def _summary(results: dict, root: Path) -> None:
         for domain, v in pre["val_bpb"].items():
             table.add_row(domain, f"{v['step0']:.3f}", f"{v['final']:.3f}", f"{v['ratio']:.2f}")
         console.print(table)
+    _upscale_summary(console, results)
     for s in (results.get("generate") or {}).get("metrics", {}).get("samples", []):
         console.print(f"[bold]{s['prompt']}[/bold]{s['completion']}")
     aligned = [name for name in ("dpo", "sft") if results.get(name)]
@@ -72,6 +73,25 @@ def _summary(results: dict, root: Path) -> None:
         console.print(f"[bold]chat with {aligned[0]}/final:[/bold]")
         for turn in results[aligned[0]].get("metrics", {}).get("chat", []):
             console.print(f"[bold]user:[/bold] {turn['user']}\n[bold]assistant:[/bold] {turn['assistant']}")
+
+
+def _upscale_summary(console, results: dict) -> None:
+    """Depth up-scaling in the demo: bpb of the trained model, of the up-scaled one before and after continuing."""
+    from rich.table import Table
+
+    up = (results.get("upscale") or {}).get("metrics", {})
+    cont = (results.get("continue_pretrain") or {}).get("metrics", {})
+    if not cont.get("val_bpb"):
+        return
+    pre = (results.get("pretrain") or {}).get("metrics", {}).get("val_bpb", {})
+    depth = f"{up['source_layers']} -> {up['layers']} layers" if up else "continued"
+    table = Table(title=f"depth up-scaling ({depth}): validation bits per byte")
+    for col in ("domain", "trained", "right after up-scaling", f"after {cont.get('tokens', 0):,} more tokens"):
+        table.add_column(col, justify="right")
+    for domain, v in cont["val_bpb"].items():
+        trained = pre.get(domain, {}).get("final")
+        table.add_row(domain, f"{trained:.3f}" if trained else "-", f"{v['step0']:.3f}", f"{v['final']:.3f}")
+    console.print(table)
 
 
 @app.command()
@@ -89,7 +109,7 @@ def _single(stage: str):
     return command
 
 
-for _stage in ("curate", "tokenizer", "tokenize", "pretrain", "sft", "dpo"):
+for _stage in ("curate", "tokenizer", "tokenize", "pretrain", "continue_pretrain", "sft", "dpo"):
     app.command(_stage)(_single(_stage))
 
 
@@ -242,7 +262,8 @@ def upscale_cmd(
     copies: Annotated[int, typer.Option("--copies", help="k copies stacked (SOLAR: 2)")] = 2,
 ):
     """Depth Up-Scaling: stack COPIES copies of SOURCE, dropping DROP layers at each seam."""
-    from openmill.surgery import SurgeryError, depth_upscale, open_checkpoint
+    from openmill.surgery.source import SurgeryError, open_checkpoint
+    from openmill.surgery.upscale import depth_upscale
     from openmill.surgery.tensorfile import PeakMemory
 
     try:
@@ -267,7 +288,8 @@ def merge_cmd(
     t: Annotated[float, typer.Option("--t", help="slerp: 0 = first checkpoint, 1 = second")] = 0.5,
 ):
     """Average checkpoints' weights (linear) or interpolate two of them (slerp)."""
-    from openmill.surgery import SurgeryError, merge
+    from openmill.surgery.merge import merge
+    from openmill.surgery.source import SurgeryError
 
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None

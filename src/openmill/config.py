@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from openmill.align.config import DpoConfig, SftConfig
 from openmill.data.curate.config import CurateConfig
 from openmill.train.heurimentor_config import MonitorConfig, PhaseConfig, PolicyConfig, SourceConfig
+from openmill.surgery.config import ContinuePretrainConfig, UpscaleConfig
 
 
 class RecipeError(ValueError):
@@ -219,24 +220,28 @@ class ExportConfig(Strict):
     gguf_qtypes: list[Literal["f16", "q8_0", "q4_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
 
 
-STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "generate", "export", "sft", "dpo")
-# Stages a recipe lists explicitly (they need inputs no default can give: raw-text rules, chat data).
-OPT_IN_STAGES = ("curate", "sft", "dpo")
+STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "upscale", "continue_pretrain", "generate", "export", "sft", "dpo")
+# Stages a recipe lists explicitly (they need inputs no default can give: raw-text rules, chat data,
+# a decision to grow the model).
+OPT_IN_STAGES = ("curate", "upscale", "continue_pretrain", "sft", "dpo")
 
 
 class Recipe(Strict):
     name: str
     seed: int = 1337
     run_dir: Path | None = None  # default: runs/<name>
-    stages: list[Literal["curate", "tokenizer", "tokenize", "pretrain", "generate", "export", "sft", "dpo"]] = Field(
-        default_factory=lambda: [s for s in STAGES if s not in OPT_IN_STAGES]
-    )
+    stages: list[
+        Literal["curate", "tokenizer", "tokenize", "pretrain", "upscale", "continue_pretrain", "generate", "export",
+                "sft", "dpo"]
+    ] = Field(default_factory=lambda: [s for s in STAGES if s not in OPT_IN_STAGES])
     data: DataConfig
     curate: CurateConfig = Field(default_factory=CurateConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
+    continue_pretrain: ContinuePretrainConfig = Field(default_factory=ContinuePretrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sft: SftConfig = Field(default_factory=SftConfig)

@@ -58,6 +58,14 @@ def _final_model(recipe: Recipe) -> Path:
     return recipe.root / "pretrain" / "final"
 
 
+def _upscale_source(recipe: Recipe) -> Path:
+    return recipe.upscale.source or _final_model(recipe)
+
+
+def _upscaled_model(recipe: Recipe) -> Path:
+    return recipe.continue_pretrain.init_from or recipe.root / "upscale" / "model"
+
+
 def _curate(recipe: Recipe, out: Path):
     from openmill.data.curate.stage import run_curate
 
@@ -80,6 +88,27 @@ def _pretrain(recipe: Recipe, out: Path):
     from openmill.train.pretrain import run_pretrain
 
     return run_pretrain(recipe, out, _tokenizer_path(recipe), _tokens_dir(recipe))
+
+
+def _upscale(recipe: Recipe, out: Path):
+    from openmill.surgery.source import SurgeryError, open_checkpoint
+    from openmill.surgery.tensorfile import PeakMemory
+    from openmill.surgery.upscale import depth_upscale
+
+    try:
+        source = open_checkpoint(_upscale_source(recipe))  # outside the measurement: its first use imports code
+        with PeakMemory() as peak:
+            done = depth_upscale(source, out / "model", recipe.upscale.drop_for(source.cfg.n_layers), recipe.upscale.copies)
+    except SurgeryError as e:
+        raise RecipeError(f"upscale: {e}") from None
+    return [out / "model"], {**done, "peak_memory_growth_bytes": peak.growth}
+
+
+def _continue_pretrain(recipe: Recipe, out: Path):
+    from openmill.train.pretrain import run_pretrain
+
+    cfg = recipe.continue_pretrain.pretrain_config(recipe.pretrain, _upscaled_model(recipe))
+    return run_pretrain(recipe.model_copy(update={"pretrain": cfg}), out, _tokenizer_path(recipe), _tokens_dir(recipe))
 
 
 def _generate(recipe: Recipe, out: Path):
@@ -139,6 +168,14 @@ STAGE_TABLE: dict[str, Stage] = {
             _pretrain,
             distributed=True,
         ),
+        Stage("upscale", ("upscale",), lambda r: [_upscale_source(r)], _upscale),
+        Stage(
+            "continue_pretrain",
+            ("seed", "data", "pretrain", "continue_pretrain"),
+            lambda r: [_tokenizer_path(r), _tokens_dir(r), _upscaled_model(r)],
+            _continue_pretrain,
+            distributed=True,
+        ),
         Stage("generate", ("seed", "generate"), lambda r: [_final_model(r)], _generate),
         Stage("export", ("export",), lambda r: [_final_model(r)], _export),
         Stage("sft", ("seed", "sft"), lambda r: [_sft_start(r), *r.sft.train, *r.sft.valid], _sft),
@@ -167,6 +204,14 @@ def preflight(recipe: Recipe) -> None:
         raise RecipeError(f"model.vocab_size: {m.vocab_size} is smaller than tokenizer.vocab_size {recipe.tokenizer.vocab_size}")
     if p.init_from is not None and not (Path(p.init_from) / "model.json").is_file():
         raise RecipeError(f"pretrain.init_from: {p.init_from} is not a model folder (model.json missing)")
+    if "upscale" in recipe.stages and recipe.upscale.source is None:  # else the source's depth is checked when read
+        from openmill.surgery.source import SurgeryError
+        from openmill.surgery.upscale import dus_layer_map
+
+        try:
+            dus_layer_map(model.n_layers, recipe.upscale.drop_for(model.n_layers), recipe.upscale.copies)
+        except SurgeryError as e:
+            raise RecipeError(f"upscale.drop: {e}".replace("--drop", "drop")) from None
 
 
 def _is_main() -> bool:

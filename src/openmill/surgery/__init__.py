@@ -4,10 +4,8 @@
     source.py      an openmill or Hugging Face folder as named tensors on disk; the output folder
     upscale.py     Depth Up-Scaling (SOLAR): layer maps and the streaming copy
     merge.py       linear and SLERP weight averaging
+    config.py      the recipe sections of the upscale and continue_pretrain stages
+
+Nothing is imported here: config.py is read by openmill.config, which the rest imports.
 """
 
-from openmill.surgery.merge import merge
-from openmill.surgery.source import SurgeryError, open_checkpoint
-from openmill.surgery.upscale import depth_upscale, dus_layer_map, upscale
-
-__all__ = ["SurgeryError", "depth_upscale", "dus_layer_map", "merge", "open_checkpoint", "upscale"]

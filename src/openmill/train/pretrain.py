@@ -158,7 +158,9 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         log=log,
         hooks=hooks,
     )
-    resume_key = fingerprint(recipe.model_dump(mode="json", include={"seed", "data", "model", "pretrain"}), [])
+    # init_from's contents count too: new weights at the same path (a re-run upscale) are another run.
+    resume_key = fingerprint(recipe.model_dump(mode="json", include={"seed", "data", "model", "pretrain"}),
+                             [cfg.init_from] if cfg.init_from else [])
     _drop_foreign_checkpoints(out_dir / "checkpoints", resume_key, log)
     trainer.meta["resume_key"] = resume_key
     resumed = trainer.resume()
