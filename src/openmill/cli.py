@@ -254,6 +254,8 @@ def chat_cmd(
     except (ValueError, ExportError) as e:
         _fail(str(e))
     run_chat(Engine(loaded, max_batch=1, max_len=max_context, decode=tok.decode), tok, params, system)
+
+
 @app.command("upscale")
 def upscale_cmd(
     source: Annotated[Path, typer.Argument(help="an openmill model folder or a Hugging Face folder (config.json + safetensors)")],
