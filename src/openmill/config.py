@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from openmill.align.config import DpoConfig, SftConfig
 from openmill.data.curate.config import CurateConfig
-from openmill.train.heurimentor_config import MonitorConfig, PhaseConfig, PolicyConfig, SourceConfig
 from openmill.surgery.config import ContinuePretrainConfig, UpscaleConfig
+from openmill.train.heurimentor_config import MonitorConfig, PhaseConfig, PolicyConfig, SourceConfig
 
 
 class RecipeError(ValueError):
