@@ -10,6 +10,7 @@
     openmill control RUN --set data.weights.zh=0.4      live change of a running pretraining job
     openmill upscale SRC --drop M [--copies K] --out DIR  depth up-scaling (SOLAR), streamed
     openmill merge A B [C ...] --out DIR [--weights ...|--method slerp --t T]
+    openmill eval MODEL... [--preset P] [--task T ...]  benchmarks, several models side by side
 
 Bad input ends with one line `error: ...` and exit status 2, never a traceback.
 """
@@ -41,12 +42,13 @@ def _fail(message: str) -> None:
 
 def _run(recipe_path: Path, overrides: list[str] | None, stages: list[str] | None, force: bool):
     from openmill.align.data import AlignDataError
+    from openmill.eval.tasks import TaskError
     from openmill.stages import run_recipe
 
     try:
         recipe = load_recipe(recipe_path, overrides or [])
         return run_recipe(recipe, stages, force=force), recipe
-    except (RecipeError, DataError, AlignDataError, FileNotFoundError) as e:
+    except (RecipeError, DataError, AlignDataError, TaskError, FileNotFoundError) as e:
         _fail(str(e))
 
 
@@ -73,6 +75,12 @@ def _summary(results: dict, root: Path) -> None:
         console.print(f"[bold]chat with {aligned[0]}/final:[/bold]")
         for turn in results[aligned[0]].get("metrics", {}).get("chat", []):
             console.print(f"[bold]user:[/bold] {turn['user']}\n[bold]assistant:[/bold] {turn['assistant']}")
+    evaluated = (results.get("eval") or {}).get("metrics", {})
+    if evaluated.get("results"):
+        from openmill.eval.report import markdown_table
+
+        console.print(f"[bold]evaluation of {evaluated['model']}[/bold] (% unless a perplexity)")
+        console.print(markdown_table({"score": evaluated["results"]}), markup=False)
 
 
 def _upscale_summary(console, results: dict) -> None:
@@ -302,6 +310,38 @@ def merge_cmd(
     except SurgeryError as e:
         _fail(str(e))
     typer.echo(f"wrote {out}: {method} merge of {len(sources)} checkpoints, {done['tensors']} tensors in {done['seconds']:.1f} s")
+@app.command("eval")
+def eval_cmd(
+    models: Annotated[list[Path], typer.Argument(help="run directories (pretrain/final) or model folders; several = side by side")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for results.json / .md / .png")] = Path("eval"),
+    preset: Annotated[Optional[str], typer.Option(help="quick, h6, en or zh (src/openmill/eval/tasks/presets.yaml)")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="a task name (repeatable)")] = None,
+    tasks_file: Annotated[Optional[list[Path]], typer.Option("--tasks-file", help="a task YAML of your own (repeatable)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="first N records of each task")] = None,
+    data_dir: Annotated[Path, typer.Option(help="what {data_dir} means in task YAMLs")] = Path("../shared/data"),
+    batch_size: int = 16,
+    chat: Annotated[bool, typer.Option("--chat", help="prompts through the model's chat template")] = False,
+    seed: int = 1234,
+    device: str = "auto",
+):
+    """Evaluate one or more models on benchmark tasks and write a side-by-side report."""
+    from openmill.eval.config import EvalConfig
+    from openmill.eval.stage import run_eval
+    from openmill.eval.tasks import TaskError
+
+    folders = {}
+    for m in models:
+        folder = _model_folder(m)
+        folders[str(m)] = folder
+    try:
+        cfg = EvalConfig(
+            preset=preset if preset or task else "quick", tasks=task or [], task_files=tasks_file or [], limit=limit,
+            data_dir=data_dir, batch_size=batch_size, chat=chat, seed=seed, device=device,
+        )
+        run_eval(cfg, folders, out)
+    except (TaskError, ValueError) as e:
+        _fail(str(e).splitlines()[0])
+    typer.echo(f"wrote {out}/results.json, results.md, results.png")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from openmill.align.config import DpoConfig, SftConfig
 from openmill.data.curate.config import CurateConfig
+from openmill.eval.config import EvalConfig
 from openmill.surgery.config import ContinuePretrainConfig, UpscaleConfig
 from openmill.train.heurimentor_config import MonitorConfig, PhaseConfig, PolicyConfig, SourceConfig
 
@@ -220,7 +221,7 @@ class ExportConfig(Strict):
     gguf_qtypes: list[Literal["f16", "q8_0", "q4_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
 
 
-STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "upscale", "continue_pretrain", "generate", "export", "sft", "dpo")
+STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "upscale", "continue_pretrain", "generate", "export", "sft", "dpo", "eval")
 # Stages a recipe lists explicitly (they need inputs no default can give: raw-text rules, chat data,
 # a decision to grow the model).
 OPT_IN_STAGES = ("curate", "upscale", "continue_pretrain", "sft", "dpo")
@@ -232,7 +233,7 @@ class Recipe(Strict):
     run_dir: Path | None = None  # default: runs/<name>
     stages: list[
         Literal["curate", "tokenizer", "tokenize", "pretrain", "upscale", "continue_pretrain", "generate", "export",
-                "sft", "dpo"]
+                "sft", "dpo", "eval"]
     ] = Field(default_factory=lambda: [s for s in STAGES if s not in OPT_IN_STAGES])
     data: DataConfig
     curate: CurateConfig = Field(default_factory=CurateConfig)
@@ -246,6 +247,7 @@ class Recipe(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _mixtures_name_domains(self):

@@ -151,6 +151,18 @@ def _dpo(recipe: Recipe, out: Path):
     return run_dpo(recipe.dpo, _dpo_start(recipe), out, recipe.seed)
 
 
+def _eval(recipe: Recipe, out: Path):
+    from openmill.eval.stage import eval_stage
+
+    return eval_stage(recipe, out)
+
+
+def _eval_inputs(recipe: Recipe) -> list[Path]:
+    from openmill.eval.stage import model_path
+
+    return [model_path(recipe.root, recipe.eval), *recipe.eval.task_files]
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -180,6 +192,7 @@ STAGE_TABLE: dict[str, Stage] = {
         Stage("export", ("export",), lambda r: [_final_model(r)], _export),
         Stage("sft", ("seed", "sft"), lambda r: [_sft_start(r), *r.sft.train, *r.sft.valid], _sft),
         Stage("dpo", ("seed", "dpo"), lambda r: [_dpo_start(r), *r.dpo.train, *r.dpo.valid], _dpo),
+        Stage("eval", ("eval",), _eval_inputs, _eval),
     )
 }
 

@@ -1,0 +1,139 @@
+"""The eval harness on real task data with a small randomised model: the shared-context fast path
+against the naive one, batch-size invariance, the quick preset end to end, and bad task YAML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openmill.eval.config import EvalConfig
+from openmill.eval.metrics import choice_scores, generate_scores
+from openmill.eval.runner import Encoder, Options, run_task
+from openmill.eval.scoring import Group, score_groups
+from openmill.eval.stage import run_eval
+from openmill.eval.tasks import TaskError, load_task_file, load_tasks
+from openmill.textmodel import load_text_model
+
+from .test_export_hf import make_model_folder, tokenizer_path  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer_path):  # noqa: F811
+    return make_model_folder(tmp_path_factory.mktemp("m"), tokenizer_path, seed=3, max_seq_len=512)
+
+
+def naive_ll(model, context: list[int], cont: list[int]) -> float:
+    ids = torch.tensor([context + cont])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids)[0].float(), dim=-1)
+    return sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(cont))
+
+
+def test_shared_context_scores_equal_one_forward_per_choice(folder):
+    model, tok = load_text_model(folder)
+    enc = Encoder(tok, chat=False)
+    groups = [
+        enc.group("Question: Which gas do plants take in?\nAnswer:", [" carbon dioxide", " oxygen", " nitrogen gas", " helium"]),
+        enc.group("中华人民共和国的首都是", ["北京", "上海市"]),
+        enc.group("x", [" y"]),
+    ]
+    fast = score_groups(model, groups, tok.pad_id, batch_size=3)
+    for g, scores in zip(groups, fast):
+        for cont, (ll, _) in zip(g.continuations, scores):
+            assert ll == pytest.approx(naive_ll(model, g.context, cont), abs=1e-4)
+
+
+def test_scores_do_not_depend_on_batch_size(folder):
+    model, tok = load_text_model(folder)
+    spec = load_tasks()["quick_hellaswag"]
+    runs = [run_task(model, tok, spec, Options(batch_size=b, limit=24)) for b in (1, 16)]
+    one, sixteen = ([r["lls"] for r in run.records] for run in runs)
+    for a, b in zip(one, sixteen):
+        assert sorted(range(len(a)), key=a.__getitem__) == sorted(range(len(b)), key=b.__getitem__)
+        assert a == pytest.approx(b, abs=1e-4)
+    assert runs[0].metrics == runs[1].metrics
+
+
+def test_quick_preset_writes_table_chart_and_samples(folder, tmp_path):
+    results = run_eval(EvalConfig(preset="quick", limit=4), {"m": folder}, tmp_path, log=lambda *_: None)
+    assert set(results["m"]) == {"quick_arc_easy", "quick_piqa", "quick_hellaswag", "quick_lambada", "quick_arc_easy_strict", "quick_gsm8k"}
+    arc = results["m"]["quick_arc_easy"]
+    assert arc["n"] == 4 and set(arc["metrics"]) == {"acc", "acc_norm", "acc_bytes"}
+    assert results["m"]["quick_lambada"]["metrics"]["perplexity"] > 1
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "| quick_piqa | acc |" in (tmp_path / "results.md").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "samples" / "m" / "quick_arc_easy.jsonl").open()]
+    # acc is recomputed from the recorded per-choice log-likelihoods
+    gold = [json.loads(line)["gold"] for line in (Path(load_tasks()["quick_arc_easy"].source).parent / "data/arc_easy.jsonl").open()]
+    assert [r["acc"] for r in rows] == [float(max(range(len(r["lls"])), key=r["lls"].__getitem__) == g) for r, g in zip(rows, gold)]
+
+
+NEW_TASK = """
+- name: capitals
+  kind: multiple_choice
+  data: {path: capitals.jsonl}
+  text: "The capital of {{country}} is"
+  choices: "options"
+  target: "options.index(answer)"
+  metrics: [acc, acc_norm]
+"""
+
+
+def test_a_new_task_is_yaml_only(folder, tmp_path):
+    rows = [{"country": "France", "options": ["Paris", "Rome"], "answer": "Paris"}, {"country": "Italy", "options": ["Paris", "Rome"], "answer": "Rome"}]
+    (tmp_path / "capitals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "capitals.yaml").write_text(NEW_TASK)
+    results = run_eval(EvalConfig(preset=None, tasks=["capitals"], task_files=[tmp_path / "capitals.yaml"]), {"m": folder}, tmp_path / "out", log=lambda *_: None)
+    assert results["m"]["capitals"]["n"] == 2
+    # exactly one of the two records can be right for a model that prefers one city
+    model, tok = load_text_model(folder)
+    enc = Encoder(tok, chat=False)
+    g = enc.group("The capital of France is", [" Paris", " Rome"])
+    paris, rome = (naive_ll(model, g.context, c) for c in g.continuations)
+    assert results["m"]["capitals"]["metrics"]["acc"] == 0.5 or paris == rome
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.replace("  metrics: [acc, acc_norm]\n", ""), "task capitals: metrics: required field missing"),
+        (lambda t: t.replace("acc_norm]", "f1]"), "task capitals: metrics: unknown metric 'f1'"),
+        (lambda t: t.replace("  text:", "  txt:"), "task capitals: text: required field missing"),
+        (lambda t: t.replace('target: "options.index(answer)"', 'target: "options.index("'), "task capitals: target: not a valid expression"),
+    ],
+)
+def test_bad_task_yaml_is_one_line_naming_task_and_field(tmp_path, change, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(change(NEW_TASK))
+    with pytest.raises(TaskError) as err:
+        load_task_file(path)
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_data_line_is_named_by_file_and_line(folder, tmp_path):
+    (tmp_path / "capitals.jsonl").write_text('{"country": "France", "options": ["Paris", "Rome"], "answer": "Paris"}\n{"country": \n')
+    (tmp_path / "capitals.yaml").write_text(NEW_TASK)
+    with pytest.raises(TaskError, match=r"capitals.jsonl:2: not valid JSON"):
+        run_eval(EvalConfig(preset=None, tasks=["capitals"], task_files=[tmp_path / "capitals.yaml"]), {"m": folder}, tmp_path / "o")
+
+
+def test_absent_shared_data_is_skipped_with_a_message(folder, tmp_path):
+    said = []
+    results = run_eval(EvalConfig(preset=None, tasks=["cmmlu"], data_dir=tmp_path / "nowhere"), {"m": folder}, tmp_path / "o", log=said.append)
+    assert results["m"] == {} and "skipped cmmlu" in said[0]
+
+
+def test_metric_definitions():
+    # acc picks the highest total; acc_norm divides by characters, acc_bytes by UTF-8 bytes
+    s = choice_scores([-6.0, -8.0], ["ab", "cdefgh"], 1, ["acc", "acc_norm", "acc_bytes"])
+    assert s == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
+    assert choice_scores([-3.0, -3.0], ["好", "ab"], 1, ["acc_norm", "acc_bytes"]) == {"acc_norm": 1.0, "acc_bytes": 0.0}
+    assert choice_scores([0.0, 0.0, 0.0, 0.0], list("abcd"), [1, 1, 0, 0], ["mc2"])["mc2"] == pytest.approx(0.5)
+    extract = {"strict": "#### (\\-?[0-9\\.\\,]+)", "flexible": "(-?[$0-9.,]{2,})|(-?[0-9]+)"}
+    metrics = ["exact_match_strict", "exact_match_flexible"]
+    assert generate_scores("3 + 4 = 7 so she has $1,800.\n#### 1,800", "1800", extract, [",", "\\$", "\\.$"], metrics) == dict.fromkeys(metrics, 1.0)
+    assert generate_scores("She makes 18 dollars.", "18", extract, [",", "\\$", "\\.$"], metrics) == {"exact_match_strict": 0.0, "exact_match_flexible": 1.0}
