@@ -137,3 +137,13 @@ def test_metric_definitions():
     metrics = ["exact_match_strict", "exact_match_flexible"]
     assert generate_scores("3 + 4 = 7 so she has $1,800.\n#### 1,800", "1800", extract, [",", "\\$", "\\.$"], metrics) == dict.fromkeys(metrics, 1.0)
     assert generate_scores("She makes 18 dollars.", "18", extract, [",", "\\$", "\\.$"], metrics) == {"exact_match_strict": 0.0, "exact_match_flexible": 1.0}
+
+
+def test_cli_unknown_task_is_one_line(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from openmill.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(folder), "--task", "arc_esay", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "error: eval.tasks: unknown task 'arc_esay'; choices: arc_challenge, arc_easy" in result.output

@@ -323,6 +323,7 @@ def eval_cmd(
     chat: Annotated[bool, typer.Option("--chat", help="prompts through the model's chat template")] = False,
     seed: int = 1234,
     device: str = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's)")] = None,
 ):
     """Evaluate one or more models on benchmark tasks and write a side-by-side report."""
     from openmill.eval.config import EvalConfig
@@ -336,7 +337,7 @@ def eval_cmd(
     try:
         cfg = EvalConfig(
             preset=preset if preset or task else "quick", tasks=task or [], task_files=tasks_file or [], limit=limit,
-            data_dir=data_dir, batch_size=batch_size, chat=chat, seed=seed, device=device,
+            data_dir=data_dir, batch_size=batch_size, chat=chat, seed=seed, device=device, threads=threads,
         )
         run_eval(cfg, folders, out)
     except (TaskError, ValueError) as e:

@@ -22,3 +22,6 @@ class EvalConfig(BaseModel):
     chat: bool = False  # prompts through the model's chat template
     seed: int = 1234  # few-shot sampling
     device: str = "auto"
+    # CPU intra-op threads; None = torch's default. A 2M-parameter model's matmuls are too small to
+    # split: on the 2-core demo machine, shared, 1 thread ran the quick preset 8x faster than 2.
+    threads: int | None = Field(None, gt=0)

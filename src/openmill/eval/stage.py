@@ -32,6 +32,10 @@ def select_tasks(cfg: EvalConfig) -> tuple[list[TaskSpec], dict[str, int | None]
 def run_eval(cfg: EvalConfig, models: dict[str, Path], out: Path, log=print) -> dict:
     """Evaluate every model folder of `models` (label -> folder); writes the report into `out`."""
     specs, shots = select_tasks(cfg)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     opts = Options(data_dir=cfg.data_dir, batch_size=cfg.batch_size, limit=cfg.limit, chat=cfg.chat, seed=cfg.seed, shots=shots)
     by_model = {}
     for label, folder in models.items():
