@@ -129,12 +129,14 @@ def main() -> None:
     )
     theirs_seconds = time.perf_counter() - started
 
-    rows = []
+    rows, per_record = [], []
     for name in TASKS:
         samples = sorted(out["samples"][f"local_{name}"], key=lambda s: s["doc_id"])
         theirs_lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
         ours_lls = [r["lls"] for r in ours[name].records]
+        assert [len(o) for o in ours_lls] == [len(t) for t in theirs_lls], name
         diff = max(abs(a - b) for o, t in zip(ours_lls, theirs_lls) for a, b in zip(o, t))
+        per_record += [{"task": name, "record": i, "openmill": o, "lm_eval": t} for i, (o, t) in enumerate(zip(ours_lls, theirs_lls))]
         theirs_metrics = out["results"][f"local_{name}"]
         row = {"task": name, "n": n_records[name], "max_abs_ll_diff": diff}
         for metric, value in ours[name].metrics.items():
@@ -153,6 +155,8 @@ def main() -> None:
         "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    # every choice's log-likelihood from both tools, for the 1e-3 agreement check
+    args.out.with_suffix(".lls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_record))
     for row in rows:
         print(json.dumps(row))
     print(f"openmill {ours_seconds:.1f} s, lm-eval {theirs_seconds:.1f} s, speedup {result['speedup']:.2f}x")

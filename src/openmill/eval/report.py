@@ -4,6 +4,7 @@ results.png (a bar chart), plus per-record scores in samples/<model>/<task>.json
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from openmill.eval.runner import TaskResult
@@ -74,7 +75,7 @@ def write_report(by_model: dict[str, list[TaskResult]], out: Path) -> dict:
     if any(r["metrics"] for m in results.values() for r in m.values()):
         bar_chart(results, out / "results.png")
     for model, task_results in by_model.items():
-        folder = out / "samples" / model
+        folder = out / "samples" / (re.sub(r"[^\w.-]+", "_", model).strip("_") or "model")  # labels may be paths
         folder.mkdir(parents=True, exist_ok=True)
         for r in task_results:
             lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in r.records)
