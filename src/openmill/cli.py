@@ -339,9 +339,12 @@ def eval_cmd(
             preset=preset if preset or task else "quick", tasks=task or [], task_files=tasks_file or [], limit=limit,
             data_dir=data_dir, batch_size=batch_size, chat=chat, seed=seed, device=device, threads=threads,
         )
-        run_eval(cfg, folders, out)
+        results = run_eval(cfg, folders, out)
     except (TaskError, ValueError) as e:
         _fail(str(e).splitlines()[0])
+    from openmill.eval.report import markdown_table
+
+    typer.echo(markdown_table(results))
     typer.echo(f"wrote {out}/results.json, results.md, results.png")
 
 

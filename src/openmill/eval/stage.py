@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from openmill.eval.config import EvalConfig
-from openmill.eval.report import markdown_table, write_report
+from openmill.eval.report import write_report
 from openmill.eval.runner import Options, evaluate
 from openmill.eval.tasks import TaskError, TaskSpec, load_presets, load_tasks
 
@@ -42,9 +42,7 @@ def run_eval(cfg: EvalConfig, models: dict[str, Path], out: Path, log=print) -> 
         if not (Path(folder) / "model.json").is_file():
             raise TaskError(f"eval.model: {folder} is not a model folder (model.json missing)")
         by_model[label] = evaluate(Path(folder), specs, opts, device=cfg.device, log=log)
-    results = write_report(by_model, out)
-    log(markdown_table(results).rstrip())
-    return results
+    return write_report(by_model, out)
 
 
 def model_path(recipe_root: Path, cfg: EvalConfig) -> Path:
