@@ -1,0 +1,143 @@
+"""Inference: decode speed of openmill's engine vs `transformers` `generate`, and the perplexity
+cost of weight-only int8/int4 quantization, on SmolLM2-135M-Instruct (fp32), in one run.
+
+    python benchmarks/inference.py [--folder DIR] [--new-tokens 32] [--repeats 3] [--ppl-windows 16]
+
+--folder: an openmill model folder of SmolLM2 (default: the test cache's import,
+~/.cache/openmill-tests/smollm2-135m-instruct; create it with
+`openmill import SmolLM2-135M-Instruct.Q4_1.gguf --out DIR`). Results: benchmarks/inference.md.
+
+Speed: both sides greedy, the same prompts (8 of different lengths; batch 1 uses the first),
+exactly --new-tokens new tokens each (no early stop), timed end to end (prefill + decode),
+back to back in this one process, median of --repeats after one warm-up. Quality: WikiText-2
+test perplexity over the first --ppl-windows non-overlapping windows of 512 tokens (the model's
+BOS first), every variant on the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from openmill.generate import SamplingParams, generate_batch
+from openmill.generate.quantize import quantize_model
+from openmill.textmodel import load_text_model
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "test.txt"
+PROMPTS = [
+    "The history of the Roman Empire",
+    "def quicksort(arr):",
+    "Once upon a time, in a small village by the sea, there lived",
+    "中华人民共和国",
+    "Photosynthesis is the process by which plants",
+    "The three most important rules of writing clear code are",
+    "Q: What is the capital of France?\nA:",
+    "In 1969, astronauts",
+]
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def openmill_run(model, prompts: list[list[int]], n: int):
+    params = SamplingParams(max_new_tokens=n, temperature=0)
+    return lambda: generate_batch(model, prompts, params)
+
+
+def hf_run(hf, prompts: list[list[int]], n: int, pad_id: int):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding, as HF batches
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def run():
+        with torch.no_grad():
+            return hf.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id
+            )
+
+    return run
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    for w in windows:
+        logits = model(w[None, :-1])[0]
+        nll += F.cross_entropy(logits.float(), w[1:], reduction="sum").item()
+        count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", type=Path, default=Path.home() / ".cache" / "openmill-tests" / "smollm2-135m-instruct")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("inference.jsonl"))
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    from transformers import AutoModelForCausalLM
+
+    from openmill.export import export_hf
+
+    model, tok = load_text_model(args.folder)
+    prompts = [tok.document_prefix() + tok.encode(p) for p in PROMPTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(args.folder, Path(tmp) / "hf")
+        hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", torch_dtype=torch.float32).eval()
+    rows = []
+
+    def record(**row):
+        row.update(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # Same greedy tokens first (batch 1): the comparison is only meaningful between equal outputs.
+    ours = generate_batch(model, prompts[:1], SamplingParams(max_new_tokens=args.new_tokens, temperature=0))[0].tokens
+    theirs = hf_run(hf, prompts[:1], args.new_tokens, tok.pad_id)()[0, len(prompts[0]) :].tolist()
+    record(check="greedy tokens equal (batch 1)", equal=ours == theirs)
+
+    for batch in (1, 8):
+        ps = prompts[:batch]
+        t_hf = timed(hf_run(hf, ps, args.new_tokens, tok.pad_id), args.repeats)
+        t_om = timed(openmill_run(model, ps, args.new_tokens), args.repeats)
+        tokens = batch * args.new_tokens
+        record(bench="decode", batch=batch, new_tokens=args.new_tokens, openmill_tok_s=tokens / t_om, transformers_tok_s=tokens / t_hf, speedup=t_hf / t_om)
+
+    ids = tok.encode(WIKITEXT.read_text(encoding="utf-8"))
+    n = args.ppl_windows
+    bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    windows = torch.tensor([[bos] + ids[i * 511 : (i + 1) * 511] for i in range(n)])
+    base = perplexity(model, windows)
+    record(bench="wikitext2-ppl", variant="fp32", tokens=n * 511, ppl=base, delta_pct=0.0)
+    for variant, mode, group in (("int8", "int8", 0), ("int4-g32", "int4", 32), ("int4-g64", "int4", 64)):
+        q, _ = load_text_model(args.folder)
+        quantize_model(q, mode, group_size=group or 64)
+        ppl = perplexity(q, windows)
+        t_q = timed(openmill_run(q, prompts[:1], args.new_tokens), args.repeats)
+        record(bench="wikitext2-ppl", variant=variant, tokens=n * 511, ppl=ppl, delta_pct=100 * (ppl / base - 1), decode_b1_tok_s=args.new_tokens / t_q)
+    with args.out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "date": time.strftime("%Y-%m-%d")}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
