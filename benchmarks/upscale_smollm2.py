@@ -40,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path(os.environ.get("OPENMILL_TEST_CACHE", Path.home() / ".cache" / "openmill-tests"))
 GGUF = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "test.txt"
+SHARED = Path(os.environ.get("OPENMILL_SHARED_DATA", REPO.parent / "shared" / "data"))  # a worktree sets it
+WIKITEXT = SHARED / "wikitext2" / "test.txt"
 SHARD = 128 * 2**20
 DROP = 6
 
