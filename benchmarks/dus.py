@@ -13,7 +13,7 @@ run_pretrain with init_from): same data order, batch, steps, warm-up and schedul
 validation loss right after scaling (the step-0 evaluation), the loss curves (dus_loss.png) and the
 final validation loss and bits per byte, in dus_results.json and the table printed at the end.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/dus.py [--pretrain-steps 200] [--continue-steps 100]
+    PYTHONPATH=src .venv/bin/python benchmarks/dus.py [--pretrain-steps 150] [--continue-steps 60] [--dim 64]
 """
 
 from __future__ import annotations
@@ -44,24 +44,25 @@ def mean_val(record: dict, key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pretrain-steps", type=int, default=200)
-    ap.add_argument("--continue-steps", type=int, default=100)
+    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--continue-steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench-dus")
     args = ap.parse_args()
 
     common = [f"run_dir={args.run_dir}", f"pretrain.batch_size={args.batch_size}", f"pretrain.seq_len={args.seq_len}",
-              "pretrain.eval_every=25", "pretrain.eval_tokens=4096",
+              "pretrain.eval_every=20", "pretrain.eval_tokens=2048", "pretrain.log_every=5",
               "pretrain.checkpoint_every=1000", "pretrain.tensorboard=false"]
     base = load_recipe(REPO / "recipes" / "tiny.yaml", [
-        *common, "stages=[curate,tokenizer,tokenize,pretrain]", "model.n_layers=8", f"pretrain.steps={args.pretrain_steps}",
+        *common, "stages=[curate,tokenizer,tokenize,pretrain]", "model.n_layers=8", f"model.dim={args.dim}", f"pretrain.steps={args.pretrain_steps}",
     ])
     started = time.time()
     run_recipe(base)
     root = base.root
     trained = root / "pretrain" / "final"
-    cont = ContinuePretrainConfig(steps=args.continue_steps, warmup_steps=10, lr=2e-3, eval_every=25, checkpoint_every=1000)
+    cont = ContinuePretrainConfig(steps=args.continue_steps, warmup_steps=5, lr=2e-3, eval_every=10, checkpoint_every=1000)
 
     variants: dict[str, Path | None] = {"8-layer": trained}
     for name, layer_map in MAPS.items():
@@ -98,7 +99,7 @@ def main() -> None:
     pre_evals = [r for r in read_metrics(root / "pretrain" / "metrics.jsonl") if any(k.startswith("val/") for k in r)]
     record = {
         "command": f"PYTHONPATH=src .venv/bin/python benchmarks/dus.py --pretrain-steps {args.pretrain_steps} "
-                   f"--continue-steps {args.continue_steps} --batch-size {args.batch_size} --seq-len {args.seq_len}",
+                   f"--continue-steps {args.continue_steps} --batch-size {args.batch_size} --seq-len {args.seq_len} --dim {args.dim}",
         "date": str(date.today()), "machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}",
         "pretrained_8_layer_val_loss": mean_val(pre_evals[-1], "loss"),
         "continue": cont.model_dump(mode="json"), "seconds": round(time.time() - started),
