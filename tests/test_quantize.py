@@ -16,8 +16,10 @@ def test_packed_kernel_equals_dequantized_matmul(make):
     torch.manual_seed(0)
     linear = nn.Linear(256, 96, bias=False)
     q = make(linear)
-    x = torch.randn(3, 5, 256)
+    x = torch.randn(3, 5, 256)  # 15 rows: the packed kernel (decoding)
     assert (q(x) - _dequantized_reference(q, x)).abs().max() <= 1e-4
+    long = torch.randn(2, 40, 256)  # 80 rows: the dequantized matmul (prefill)
+    assert (q(long) - _dequantized_reference(q, long)).abs().max() <= 1e-4
     # The rounding error is at most half a step: scale/2 per weight.
     err = (q.dequantized() - linear.weight).abs()
     if isinstance(q, Int8Linear):

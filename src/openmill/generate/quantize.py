@@ -5,8 +5,9 @@
   [0, 15], the layout of PyTorch's CPU int4 kernel (tinygemm on CUDA uses the same formula).
 
 Activations stay in the model's dtype; the matmuls run in PyTorch's packed-weight kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), so weights are never dequantized into a
-full matrix. The measured quality cost is in benchmarks/inference.md.
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) for a few rows (decoding); longer inputs multiply by the
+dequantized matrix (see PACKED_KERNEL_MAX_ROWS). The measured quality cost is in
+benchmarks/inference.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("int8", "int4")
+# PyTorch's packed CPU kernels are fast for a few rows (decoding: memory-bound, where int8/int4 pay
+# off) but ~20x slower than an fp32 GEMM for hundreds (prefill, perplexity; measured on this CPU
+# with 511 x 576 @ 576 x 1536). Above this many rows the layer multiplies by its dequantized weight
+# instead: the same numbers (tested to 1e-4), a transient fp32 copy of one matrix.
+PACKED_KERNEL_MAX_ROWS = 16
 
 
 class Int8Linear(nn.Module):
@@ -31,7 +37,10 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale.to(x.dtype))
+        x2 = x.reshape(-1, self.in_features)
+        if x2.size(0) > PACKED_KERNEL_MAX_ROWS:
+            return F.linear(x, self.dequantized().to(x.dtype))
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale.to(x.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -49,7 +58,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # (k / group, n, 2): scale and zero per group, the kernel's layout.
         self.register_buffer("scales_zeros", torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous())
-        self.register_buffer("q", q.to(torch.uint8), persistent=False)  # for dequantized() only
+        # Unpacked codes for dequantized() (long inputs, tests): one byte per weight on top of the
+        # packed half byte, so int4 here saves less memory than the format could.
+        self.register_buffer("q", q.to(torch.uint8), persistent=False)
         self.group_size, self.in_features, self.out_features = group_size, k, n
 
     def dequantized(self) -> torch.Tensor:
@@ -59,6 +70,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if x2.size(0) > PACKED_KERNEL_MAX_ROWS:
+            return F.linear(x, self.dequantized().to(x.dtype))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros.to(x.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 
