@@ -31,7 +31,7 @@ setup-llamacpp:
 	@CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" bash scripts/setup_env.sh dev,llamacpp
 
 setup-slow:
-	@bash scripts/setup_env.sh dev,ray
+	@bash scripts/setup_env.sh dev,ray,eval-harness
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -8,7 +8,7 @@ mmlu definitions, pointed at the local files: no hub). It records per task the a
 the largest per-choice log-likelihood difference, and the wall time of each tool (model load
 excluded), run back to back in this one process.
 
-    nice -n 10 .venv/bin/python benchmarks/eval_vs_lmeval.py --per-task 25 --batch-size 16
+    nice -n 10 .venv/bin/python benchmarks/eval_vs_lmeval.py --per-task 12 --repeats 3 --threads 1
 
 Needs the `eval-harness` extra (lm_eval) and the cached SmolLM2 folder of the test fixtures
 (~/.cache/openmill-tests, made by `pytest -m slow tests/test_export_gguf.py` or this script).
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/eval_vs_lmeval"))
+    ap.add_argument("--repeats", type=int, default=1, help="timing repeats (median), alternating which tool runs first")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both tools")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/eval_vs_lmeval.json"))
     args = ap.parse_args()
     import lm_eval
@@ -110,24 +113,34 @@ def main() -> None:
         write_lm_eval_task(name, path, yaml_out)
         ours_specs.append(specs[name].model_copy(update={"data": DataSpec(path=str(path), format="jsonl")}))
 
-    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load_text_model(folder)
-    opts = Options(data_dir=args.data_dir, batch_size=args.batch_size)
-    started = time.perf_counter()
-    ours = {s.name: run_task(model, tok, s, opts) for s in ours_specs}
-    ours_seconds = time.perf_counter() - started
-    del model
-
     lm = HFLM(pretrained=str(hf_dir), batch_size=args.batch_size, device="cpu", dtype="float32")
-    started = time.perf_counter()
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[f"local_{n}" for n in TASKS],
-        task_manager=TaskManager(include_path=str(yaml_out), include_defaults=False),
-        log_samples=True,
-        num_fewshot=0,
-    )
-    theirs_seconds = time.perf_counter() - started
+    opts = Options(data_dir=args.data_dir, batch_size=args.batch_size)
+    manager = TaskManager(include_path=str(yaml_out), include_defaults=False)
+
+    def run_ours():
+        return {s.name: run_task(model, tok, s, opts) for s in ours_specs}
+
+    def run_theirs():
+        return lm_eval.simple_evaluate(model=lm, tasks=[f"local_{n}" for n in TASKS], task_manager=manager, log_samples=True, num_fewshot=0)
+
+    # Both tools back to back, alternating which goes first; wall and process CPU seconds of each.
+    times = {"openmill": [], "lm_eval": []}
+    for rep in range(args.repeats):
+        for tool, fn in ([("openmill", run_ours), ("lm_eval", run_theirs)][:: 1 if rep % 2 == 0 else -1]):
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fn()
+            times[tool].append((time.perf_counter() - wall, time.process_time() - cpu))
+            if tool == "openmill":
+                ours = result
+            else:
+                out = result
+    ours_seconds = statistics.median(t[0] for t in times["openmill"])
+    theirs_seconds = statistics.median(t[0] for t in times["lm_eval"])
+    ours_cpu = statistics.median(t[1] for t in times["openmill"])
+    theirs_cpu = statistics.median(t[1] for t in times["lm_eval"])
 
     rows, per_record = [], []
     for name in TASKS:
@@ -152,6 +165,12 @@ def main() -> None:
         "openmill_seconds": ours_seconds,
         "lm_eval_seconds": theirs_seconds,
         "speedup": theirs_seconds / ours_seconds,
+        "openmill_cpu_seconds": ours_cpu,
+        "lm_eval_cpu_seconds": theirs_cpu,
+        "cpu_speedup": theirs_cpu / ours_cpu,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "all_times_wall_cpu": times,
         "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -159,7 +178,7 @@ def main() -> None:
     args.out.with_suffix(".lls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_record))
     for row in rows:
         print(json.dumps(row))
-    print(f"openmill {ours_seconds:.1f} s, lm-eval {theirs_seconds:.1f} s, speedup {result['speedup']:.2f}x")
+    print(f"openmill {ours_seconds:.1f} s, lm-eval {theirs_seconds:.1f} s, speedup {result['speedup']:.2f}x (CPU time {result['cpu_speedup']:.2f}x)")
 
 
 if __name__ == "__main__":
