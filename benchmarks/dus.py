@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--continue-lr", type=float, default=1e-3)
     ap.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench-dus")
     args = ap.parse_args()
 
@@ -62,7 +63,7 @@ def main() -> None:
     run_recipe(base)
     root = base.root
     trained = root / "pretrain" / "final"
-    cont = ContinuePretrainConfig(steps=args.continue_steps, warmup_steps=5, lr=2e-3, eval_every=10, checkpoint_every=1000)
+    cont = ContinuePretrainConfig(steps=args.continue_steps, warmup_steps=5, lr=args.continue_lr, eval_every=10, checkpoint_every=1000)
 
     variants: dict[str, Path | None] = {"8-layer": trained}
     for name, layer_map in MAPS.items():
@@ -99,7 +100,7 @@ def main() -> None:
     pre_evals = [r for r in read_metrics(root / "pretrain" / "metrics.jsonl") if any(k.startswith("val/") for k in r)]
     record = {
         "command": f"PYTHONPATH=src .venv/bin/python benchmarks/dus.py --pretrain-steps {args.pretrain_steps} "
-                   f"--continue-steps {args.continue_steps} --batch-size {args.batch_size} --seq-len {args.seq_len} --dim {args.dim}",
+                   f"--continue-steps {args.continue_steps} --batch-size {args.batch_size} --seq-len {args.seq_len} --dim {args.dim} --continue-lr {args.continue_lr}",
         "date": str(date.today()), "machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}",
         "pretrained_8_layer_val_loss": mean_val(pre_evals[-1], "loss"),
         "continue": cont.model_dump(mode="json"), "seconds": round(time.time() - started),
