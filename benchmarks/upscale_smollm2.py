@@ -92,7 +92,7 @@ def main() -> None:
         sys.exit(f"skipped: needs {GGUF} (see tests/test_export_gguf.py) and {WIKITEXT}")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    imported = CACHE / "smollm2-openmill"
+    imported = CACHE / "smollm2-135m-instruct"  # the folder tests/conftest.py imports once
     if not (imported / "model.json").is_file():
         import_gguf(GGUF, imported)
     torch.set_num_threads(2)

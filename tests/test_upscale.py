@@ -120,3 +120,25 @@ def test_cli_reports_the_map_and_refuses_bad_drop(src, tmp_path):
     assert "10 layers from 6" in ok.stdout and "4<-4, 5<-1, 6<-2" in ok.stdout
     bad = subprocess.run([*cmd, "--drop", "3"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "error: --drop 3: must be less than half" in bad.stderr
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_30_to_48_layers_streams_and_loads_in_transformers(smollm2_folder, tmp_path):
+    """The real model (benchmarks/dus.md has the perplexity and throughput): peak memory stays
+    under 2 x the largest tensor + one shard, and transformers runs the result as openmill does."""
+    from openmill.surgery.source import open_checkpoint
+
+    ckpt = open_checkpoint(smollm2_folder)
+    shard = 128 * 2**20
+    with PeakMemory() as peak:
+        done = depth_upscale(ckpt, tmp_path / "up", drop=6)
+    assert done["layers"] == 48 and done["layer_map"] == [*range(24), *range(6, 30)]
+    assert peak.growth < 2 * done["largest_tensor_bytes"] + shard, peak.growth
+    with PeakMemory() as export_peak:
+        export_hf(tmp_path / "up", tmp_path / "hf", max_shard_bytes=shard)
+    assert export_peak.growth < 2 * done["largest_tensor_bytes"] + shard, export_peak.growth
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours, _ = load_model_folder(tmp_path / "up")
+    x = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 216]])
+    torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-4, atol=1e-4)
