@@ -26,13 +26,16 @@ def test_tiny_recipe_end_to_end(tmp_path, monkeypatch):
     assert [s["prompt"] for s in samples] == ["Alice was beginning to", "中华人民共和国"]
     assert all(s["completion"].strip() for s in samples)
     evaluated = json.loads((root / "eval" / "manifest.json").read_text())["metrics"]
-    assert evaluated["model"].endswith("pretrain/final") and "quick_arc_easy" in evaluated["results"]
+    assert evaluated["model"].endswith("dpo/final") and "quick_arc_easy" in evaluated["results"]
     assert "| quick_hellaswag | acc_norm | 60 |" in result.output  # make demo prints the table
-    exported = json.loads((root / "export" / "manifest.json").read_text())["outputs"]
+    export_manifest = json.loads((root / "export" / "manifest.json").read_text())
+    assert [i["path"].endswith("dpo/final") for i in export_manifest["inputs"]] == [True]  # the chat model is released
+    exported = export_manifest["outputs"]
     assert [o["path"] for o in exported] == ["export/hf", "export/model-f16.gguf", "export/model-q8_0.gguf"]
     for stage, folder in (
         ("curate", "curate"), ("tokenizer", "tokenizer"), ("tokenize", "tokens"), ("pretrain", "pretrain"),
-        ("generate", "generate"), ("export", "export"), ("eval", "eval"),
+        ("upscale", "upscale"), ("continue_pretrain", "continue_pretrain"), ("generate", "generate"),
+        ("sft", "sft"), ("dpo", "dpo"), ("eval", "eval"), ("export", "export"),
     ):  # fmt: skip
         manifest = json.loads((root / folder / "manifest.json").read_text())
         assert manifest["stage"] == stage and all(len(o["sha256"]) == 64 for o in manifest["outputs"])

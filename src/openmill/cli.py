@@ -26,7 +26,7 @@ import typer
 from openmill.config import GenerateConfig, RecipeError, load_recipe
 from openmill.data.readers import DataError
 
-ModelArg = Annotated[Path, typer.Argument(help="a run directory (uses pretrain/final) or a model folder")]
+ModelArg = Annotated[Path, typer.Argument(help="a run directory (uses its newest model: dpo, sft, continue_pretrain or pretrain) or a model folder")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="openmill: raw text to a released language model.")
 
@@ -122,9 +122,11 @@ for _stage in ("curate", "tokenizer", "tokenize", "pretrain", "continue_pretrain
 
 
 def _model_folder(model: Path) -> Path:
-    folder = model / "pretrain" / "final" if (model / "pretrain" / "final").is_dir() else model
-    if not (folder / "model.json").is_file():
-        _fail(f"{model}: neither a run directory with pretrain/final nor a model folder")
+    from openmill.stages import latest_model_in_run
+
+    folder = model if (model / "model.json").is_file() else latest_model_in_run(model)
+    if folder is None:
+        _fail(f"{model}: neither a model folder (model.json) nor a run directory with a trained model")
     return folder
 
 
@@ -312,7 +314,7 @@ def merge_cmd(
     typer.echo(f"wrote {out}: {method} merge of {len(sources)} checkpoints, {done['tensors']} tensors in {done['seconds']:.1f} s")
 @app.command("eval")
 def eval_cmd(
-    models: Annotated[list[Path], typer.Argument(help="run directories (pretrain/final) or model folders; several = side by side")],
+    models: Annotated[list[Path], typer.Argument(help="run directories (their newest model) or model folders; several = side by side")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for results.json / .md / .png")] = Path("eval"),
     preset: Annotated[Optional[str], typer.Option(help="quick, h6, en or zh (src/openmill/eval/tasks/presets.yaml)")] = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="a task name (repeatable)")] = None,

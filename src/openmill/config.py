@@ -213,7 +213,7 @@ class GenerateConfig(Strict):
 
 
 class ExportConfig(Strict):
-    """What the export stage writes from pretrain/final (docs/export.md)."""
+    """What the export stage writes from the newest model before it (stages.model_before; docs/export.md)."""
 
     formats: list[Literal["hf", "gguf"]] = Field(default_factory=lambda: ["hf", "gguf"])
     hf_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: as trained

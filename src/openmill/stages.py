@@ -54,16 +54,47 @@ def _tokens_dir(recipe: Recipe) -> Path:
     return recipe.root / "tokens"
 
 
-def _final_model(recipe: Recipe) -> Path:
-    return recipe.root / "pretrain" / "final"
+# Where each model-producing stage leaves its model folder, relative to the run directory.
+MODEL_OUTPUTS = {
+    "pretrain": "pretrain/final",
+    "upscale": "upscale/model",
+    "continue_pretrain": "continue_pretrain/final",
+    "sft": "sft/final",
+    "dpo": "dpo/final",
+}
+
+
+def model_before(recipe: Recipe, stage: str) -> Path:
+    """The model a stage works on: the output of the last model-producing stage listed before it
+    in the recipe (all of them for a stage the recipe does not list); pretrain/final if none is.
+
+    So `[pretrain, upscale, continue_pretrain, sft, dpo, eval, export]` evaluates and exports the
+    aligned model, and dropping a stage from the list re-chains the rest with no other edit.
+    """
+    names = recipe.stages[: recipe.stages.index(stage)] if stage in recipe.stages else recipe.stages
+    producers = [n for n in names if n in MODEL_OUTPUTS]
+    return recipe.root / MODEL_OUTPUTS[producers[-1] if producers else "pretrain"]
+
+
+def latest_model_in_run(run_dir: Path) -> Path | None:
+    """The newest model folder of a finished run directory (by its recipe.yaml's stage order)."""
+    import yaml
+
+    saved = run_dir / "recipe.yaml"
+    stages = (yaml.safe_load(saved.read_text()) or {}).get("stages", []) if saved.is_file() else []
+    order = [n for n in stages if n in MODEL_OUTPUTS] or list(MODEL_OUTPUTS)
+    for name in reversed(order):
+        if (run_dir / MODEL_OUTPUTS[name] / "model.json").is_file():
+            return run_dir / MODEL_OUTPUTS[name]
+    return None
 
 
 def _upscale_source(recipe: Recipe) -> Path:
-    return recipe.upscale.source or _final_model(recipe)
+    return recipe.upscale.source or model_before(recipe, "upscale")
 
 
 def _upscaled_model(recipe: Recipe) -> Path:
-    return recipe.continue_pretrain.init_from or recipe.root / "upscale" / "model"
+    return recipe.continue_pretrain.init_from or model_before(recipe, "continue_pretrain")
 
 
 def _curate(recipe: Recipe, out: Path):
@@ -114,13 +145,13 @@ def _continue_pretrain(recipe: Recipe, out: Path):
 def _generate(recipe: Recipe, out: Path):
     from openmill.sample import sample_stage
 
-    return sample_stage(recipe, _final_model(recipe), out)
+    return sample_stage(recipe, model_before(recipe, "generate"), out)
 
 
 def _export(recipe: Recipe, out: Path):
     from openmill.export import export_gguf, export_hf
 
-    cfg, model_dir, outputs = recipe.export, _final_model(recipe), []
+    cfg, model_dir, outputs = recipe.export, model_before(recipe, "export"), []
     if "hf" in cfg.formats:
         export_hf(model_dir, out / "hf", max_shard_bytes=cfg.max_shard_bytes, dtype=cfg.hf_dtype)
         outputs.append(out / "hf")
@@ -130,13 +161,11 @@ def _export(recipe: Recipe, out: Path):
 
 
 def _sft_start(recipe: Recipe) -> Path:
-    return recipe.sft.init_from or _final_model(recipe)
+    return recipe.sft.init_from or model_before(recipe, "sft")
 
 
 def _dpo_start(recipe: Recipe) -> Path:
-    if recipe.dpo.init_from is not None:
-        return recipe.dpo.init_from
-    return recipe.root / "sft" / "final" if "sft" in recipe.stages else _final_model(recipe)
+    return recipe.dpo.init_from or model_before(recipe, "dpo")
 
 
 def _sft(recipe: Recipe, out: Path):
@@ -160,7 +189,7 @@ def _eval(recipe: Recipe, out: Path):
 def _eval_inputs(recipe: Recipe) -> list[Path]:
     from openmill.eval.stage import model_path
 
-    return [model_path(recipe.root, recipe.eval), *recipe.eval.task_files]
+    return [model_path(recipe, recipe.eval), *recipe.eval.task_files]
 
 
 def _size(path: Path) -> int:
@@ -188,8 +217,8 @@ STAGE_TABLE: dict[str, Stage] = {
             _continue_pretrain,
             distributed=True,
         ),
-        Stage("generate", ("seed", "generate"), lambda r: [_final_model(r)], _generate),
-        Stage("export", ("export",), lambda r: [_final_model(r)], _export),
+        Stage("generate", ("seed", "generate"), lambda r: [model_before(r, "generate")], _generate),
+        Stage("export", ("export",), lambda r: [model_before(r, "export")], _export),
         Stage("sft", ("seed", "sft"), lambda r: [_sft_start(r), *r.sft.train, *r.sft.valid], _sft),
         Stage("dpo", ("seed", "dpo"), lambda r: [_dpo_start(r), *r.dpo.train, *r.dpo.valid], _dpo),
         Stage("eval", ("eval",), _eval_inputs, _eval),

@@ -29,8 +29,8 @@ class LoraConfig(Strict):
 
 
 class AlignStage(Strict):
-    # The model trained: a model folder. None = the previous stage's output in this run
-    # (sft: pretrain/final; dpo: sft/final when the recipe has an sft stage, else pretrain/final).
+    # The model trained: a model folder. None = the newest model of the stages listed before this
+    # one (stages.model_before): sft after pretrain trains pretrain/final, dpo after sft sft/final.
     init_from: Path | None = None
     train: list[Path] = Field(default_factory=list)
     valid: list[Path] = Field(default_factory=list)  # empty: hold out valid_fraction of train

@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # The model folder to evaluate: relative to the run directory (the output of the recipe's last
-    # training stage, e.g. sft/final once that stage exists) or an absolute path.
-    model: Path = Path("pretrain/final")
+    # The model folder to evaluate: relative to the run directory or absolute; None = the model the
+    # stages listed before eval produced last (e.g. dpo/final after sft and dpo).
+    model: Path | None = None
     preset: str | None = "quick"  # a name from src/openmill/eval/tasks/presets.yaml: quick, h6, zh, en
     tasks: list[str] = Field(default_factory=list)  # more task names, evaluated after the preset's
     task_files: list[Path] = Field(default_factory=list)  # extra task YAML files (a new task needs no code)

@@ -45,12 +45,18 @@ def run_eval(cfg: EvalConfig, models: dict[str, Path], out: Path, log=print) -> 
     return write_report(by_model, out)
 
 
-def model_path(recipe_root: Path, cfg: EvalConfig) -> Path:
-    return cfg.model if cfg.model.is_absolute() else recipe_root / cfg.model
+def model_path(recipe, cfg: EvalConfig) -> Path:
+    """eval.model if set (absolute, or relative to the run directory), else the model the stages
+    before eval produced last (stages.model_before)."""
+    from openmill.stages import model_before
+
+    if cfg.model is None:
+        return model_before(recipe, "eval")
+    return cfg.model if cfg.model.is_absolute() else recipe.root / cfg.model
 
 
 def eval_stage(recipe, out: Path, log=print) -> tuple[list[Path], dict]:
-    folder = model_path(recipe.root, recipe.eval)
+    folder = model_path(recipe, recipe.eval)
     results = run_eval(recipe.eval, {folder.parent.name + "/" + folder.name: folder}, out, log=log)
     outputs = [out / "results.json", out / "results.md"] + ([out / "results.png"] if (out / "results.png").is_file() else [])
     return outputs, {"model": str(folder), "results": next(iter(results.values()))}

@@ -22,7 +22,7 @@ class Strict(BaseModel):
 
 
 class UpscaleConfig(Strict):
-    source: Path | None = None  # an openmill or Hugging Face folder; None = this run's pretrain/final
+    source: Path | None = None  # an openmill or Hugging Face folder; None = the model of the stages before (stages.model_before)
     drop: int | None = Field(None, ge=0)  # m; None = n_layers // 4 (SOLAR: 8 of 32)
     copies: int = Field(2, ge=2)
 
