@@ -12,7 +12,7 @@ from openmill.train.pretrain import load_model_folder
 
 from .test_pretrain import SMALL, TINY, fresh_run, prepared  # noqa: F401 (fixture)
 
-DUS = ["model.n_layers=4", "pretrain.steps=4", "upscale.drop=1", "continue_pretrain.steps=3",
+DUS = ["stages=[tokenizer,tokenize,pretrain,upscale,continue_pretrain]", "model.n_layers=4", "pretrain.steps=4", "upscale.drop=1", "continue_pretrain.steps=3",
        "continue_pretrain.warmup_steps=2", "continue_pretrain.lr=1e-3", "continue_pretrain.eval_every=3",
        "continue_pretrain.checkpoint_every=3"]
 STAGES = ["pretrain", "upscale", "continue_pretrain"]

@@ -27,6 +27,9 @@ def test_each_stage_takes_the_newest_model_before_it():
     assert model_before(short, "dpo") == Path("/r/pretrain/final")
     assert model_before(short, "export") == Path("/r/dpo/final") == model_before(short, "eval")
     assert model_before(recipe(["export"]), "export") == Path("/r/pretrain/final")
+    # An unlisted stage stands where the usual pipeline puts it.
+    assert model_before(short, "sft") == Path("/r/pretrain/final")
+    assert model_before(recipe(["pretrain", "sft", "eval"]), "generate") == Path("/r/pretrain/final")
 
 
 def test_explicit_sources_win():
@@ -46,3 +49,9 @@ def test_latest_model_in_a_run_directory(tmp_path):
     (tmp_path / "sft/final").mkdir(parents=True)
     (tmp_path / "sft/final/model.json").write_text("{}")
     assert latest_model_in_run(tmp_path) == tmp_path / "sft" / "final"
+
+
+def test_pipeline_order_names_every_stage():
+    from openmill.stages import PIPELINE_ORDER, STAGE_TABLE
+
+    assert sorted(PIPELINE_ORDER) == sorted(STAGE_TABLE)

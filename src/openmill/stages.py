@@ -64,14 +64,22 @@ MODEL_OUTPUTS = {
 }
 
 
+# The usual order of a full pipeline (recipes may list any subsequence).
+PIPELINE_ORDER = ["curate", "tokenizer", "tokenize", "pretrain", "upscale", "continue_pretrain", "generate", "sft", "dpo", "eval", "export"]
+
+
 def model_before(recipe: Recipe, stage: str) -> Path:
     """The model a stage works on: the output of the last model-producing stage listed before it
     in the recipe (all of them for a stage the recipe does not list); pretrain/final if none is.
 
     So `[pretrain, upscale, continue_pretrain, sft, dpo, eval, export]` evaluates and exports the
-    aligned model, and dropping a stage from the list re-chains the rest with no other edit.
+    aligned model, and dropping a stage from the list re-chains the rest with no other edit. A stage
+    the recipe does not list is placed where it stands in the usual pipeline (PIPELINE_ORDER).
     """
-    names = recipe.stages[: recipe.stages.index(stage)] if stage in recipe.stages else recipe.stages
+    if stage in recipe.stages:
+        names = recipe.stages[: recipe.stages.index(stage)]
+    else:
+        names = [n for n in recipe.stages if PIPELINE_ORDER.index(n) < PIPELINE_ORDER.index(stage)]
     producers = [n for n in names if n in MODEL_OUTPUTS]
     return recipe.root / MODEL_OUTPUTS[producers[-1] if producers else "pretrain"]
 
