@@ -216,7 +216,7 @@ def test_dtype_follows_the_vocabulary_size(tmp_path):
     data.write_text(json.dumps({"text": "say hello"}) + "\n" + json.dumps({"text": ""}) + "\n")
     domains = f"data.domains={{t: {{train: [{data}], valid: [{data}]}}}}"
     r = load_recipe(
-        TINY, ["stages=[tokenize]", domains, "tokenizer.mixture={}", "pretrain.mixture={}", "tokenize.workers=1", f"run_dir={tmp_path}"]
+        TINY, ["stages=[tokenize]", domains, "tokenizer.mixture={}", "pretrain.mixture={}", "pretrain.phases=[]", "tokenize.workers=1", f"run_dir={tmp_path}"]
     )
     _, metrics = tokenize_corpus(r, path, tmp_path / "tokens")
     shards = TokenShards(tmp_path / "tokens" / "t" / "train")
