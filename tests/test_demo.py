@@ -28,6 +28,7 @@ def test_tiny_recipe_end_to_end(tmp_path, monkeypatch):
     evaluated = json.loads((root / "eval" / "manifest.json").read_text())["metrics"]
     assert evaluated["model"].endswith("dpo/final") and "quick_arc_easy" in evaluated["results"]
     assert "| quick_hellaswag | acc_norm | 60 |" in result.output  # make demo prints the table
+    assert "training monitor report:" in result.output and "| 300 | phase |" in result.output  # and the monitor's
     export_manifest = json.loads((root / "export" / "manifest.json").read_text())
     assert [i["path"].endswith("dpo/final") for i in export_manifest["inputs"]] == [True]  # the chat model is released
     exported = export_manifest["outputs"]

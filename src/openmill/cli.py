@@ -67,6 +67,7 @@ def _summary(results: dict, root: Path) -> None:
         for domain, v in pre["val_bpb"].items():
             table.add_row(domain, f"{v['step0']:.3f}", f"{v['final']:.3f}", f"{v['ratio']:.2f}")
         console.print(table)
+    _monitor_summary(console, root)
     _upscale_summary(console, results)
     for s in (results.get("generate") or {}).get("metrics", {}).get("samples", []):
         console.print(f"[bold]{s['prompt']}[/bold]{s['completion']}")
@@ -81,6 +82,15 @@ def _summary(results: dict, root: Path) -> None:
 
         console.print(f"[bold]evaluation of {evaluated['model']}[/bold] (% unless a perplexity)")
         console.print(markdown_table({"score": evaluated["results"]}), markup=False)
+
+
+def _monitor_summary(console, root: Path) -> None:
+    """The training monitor's run facts and events (the report's text part; its plots sit beside it)."""
+    report = root / "pretrain" / "report.md"
+    if report.is_file():
+        text = report.read_text(encoding="utf-8")
+        console.print(f"[bold]training monitor report:[/bold] {report.resolve()}")
+        console.print(text[text.find("## Run") :].strip() if "## Run" in text else text.strip(), markup=False)
 
 
 def _upscale_summary(console, results: dict) -> None:
