@@ -8,8 +8,9 @@ export PYTHONUNBUFFERED := 1
 setup:
 	@bash scripts/setup_env.sh
 
+# The lm-eval adapter's test runs in the default suite, so the default setup installs lm_eval too.
 setup-dev:
-	@bash scripts/setup_env.sh dev
+	@bash scripts/setup_env.sh dev,eval-harness
 
 ## Run the whole pipeline on the embedded default corpus (recipes/tiny.yaml).
 demo: setup
