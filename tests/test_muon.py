@@ -4,13 +4,12 @@ and a crashed muon run resumes bit for bit (its momentum and Adam states are che
 import pytest
 import torch
 
-import openmill.train.engine as engine_mod
 from openmill.config import ModelConfig, PretrainConfig
 from openmill.model import Transformer
 from openmill.stages import run_recipe
 from openmill.train.muon import Muon, hidden_matrices, orthogonalize
 
-from .test_pretrain import fresh_run, losses, prepared  # noqa: F401 (fixture)
+from .test_pretrain import crash_pretrain_at_step_10, fresh_run, losses, prepared  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("shape", [(96, 32), (32, 160), (128, 384)])
@@ -48,17 +47,7 @@ def test_muon_run_resumes_bit_exact_after_crash(prepared, tmp_path, monkeypatch)
     reference = losses(whole_root)
 
     crashed, root = fresh_run(prepared, tmp_path / "b", extra)
-    real_step = engine_mod.Trainer.train_step
-
-    def crash_at_step_10(self):
-        if self.state.step == 9:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(engine_mod.Trainer, "train_step", crash_at_step_10)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(crashed, ["pretrain"])
-    monkeypatch.setattr(engine_mod.Trainer, "train_step", real_step)
+    crash_pretrain_at_step_10(crashed, monkeypatch)
     run_recipe(crashed, ["pretrain"])
     assert losses(root) == reference
     first, last = reference[1], reference[max(reference)]

@@ -61,13 +61,8 @@ def losses(root):
     return {r["step"]: r["loss"] for r in read_metrics(root / "pretrain" / "metrics.jsonl") if "loss" in r}
 
 
-def test_resume_is_bit_exact_after_crash_and_skips_corrupt_checkpoint(prepared, tmp_path, monkeypatch, capsys):
-    whole, whole_root = fresh_run(prepared, tmp_path / "a")
-    run_recipe(whole, ["pretrain"])
-    reference = losses(whole_root)
-    assert sorted(reference) == list(range(1, 13))
-
-    crashed, root = fresh_run(prepared, tmp_path / "b")
+def crash_pretrain_at_step_10(recipe, monkeypatch):
+    """Run the pretrain stage and kill it (an exception out of the step) as step 10 starts."""
     real_step = engine_mod.Trainer.train_step
 
     def crash_at_step_10(self):
@@ -77,8 +72,18 @@ def test_resume_is_bit_exact_after_crash_and_skips_corrupt_checkpoint(prepared, 
 
     monkeypatch.setattr(engine_mod.Trainer, "train_step", crash_at_step_10)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(crashed, ["pretrain"])
+        run_recipe(recipe, ["pretrain"])
     monkeypatch.setattr(engine_mod.Trainer, "train_step", real_step)
+
+
+def test_resume_is_bit_exact_after_crash_and_skips_corrupt_checkpoint(prepared, tmp_path, monkeypatch, capsys):
+    whole, whole_root = fresh_run(prepared, tmp_path / "a")
+    run_recipe(whole, ["pretrain"])
+    reference = losses(whole_root)
+    assert sorted(reference) == list(range(1, 13))
+
+    crashed, root = fresh_run(prepared, tmp_path / "b")
+    crash_pretrain_at_step_10(crashed, monkeypatch)
     ckpts = root / "pretrain" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004", "step_000008"]
 
