@@ -1,6 +1,10 @@
 """HeuriMentor: the underlearned rule and repetition caps, bit-exact resume after SIGKILL across
-mixture changes and a phase transition, live control, a loss spike's response, 2 -> 1 process resume."""
+mixture changes and a phase transition, live control, each loss-spike response applied (skip the
+update, rewind and skip the window, down-weight the source), a phase ended by a plateau, no host
+reads in the per-step hooks, 2 -> 1 process resume."""
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -22,8 +26,10 @@ from openmill.data.dmu import DataManagementUnit
 from openmill.data.mixture import MixtureSampler
 from openmill.data.shards import TokenShards
 from openmill.stages import run_recipe
+from openmill.train.engine import Trainer
 from openmill.train.heurimentor import HeuriMentor
 from openmill.train.metrics import read_metrics
+from openmill.train.monitor import TrainingMonitor
 
 from .conftest import REPO
 from .test_pretrain import SMALL, TINY, fresh_run, losses, prepared  # noqa: F401 (fixture)
@@ -141,26 +147,102 @@ def test_live_control_changes_the_realized_mixture_and_refuses_bad_values(prepar
     assert share(4, 24) == pytest.approx(0.8, abs=0.1)
 
 
-def test_garbage_window_spike_is_flagged_and_the_source_downweighted(prepared, tmp_path, monkeypatch):
-    extra = [
-        "pretrain.steps=40", "pretrain.phases=[]", "pretrain.checkpoint_every=8", "pretrain.log_every=4", "pretrain.eval_every=40",
-        "pretrain.schedule=constant", "pretrain.monitor.spike.min_steps=8", "pretrain.monitor.spike.response=downweight",
-        "pretrain.monitor.spike.skip_batches=2", "pretrain.monitor.spike.sigmas=3",
-    ]  # fmt: skip
-    recipe, root = fresh_run(prepared, tmp_path, extra)
+# 40 steps at a constant lr, logged every 4, checkpoints every 8; a spike is > mean + 3 std.
+SPIKE_RUN = [
+    "pretrain.steps=40", "pretrain.phases=[]", "pretrain.checkpoint_every=8", "pretrain.log_every=4", "pretrain.eval_every=40",
+    "pretrain.schedule=constant", "pretrain.monitor.spike.min_steps=8", "pretrain.monitor.spike.sigmas=3",
+]  # fmt: skip
+
+
+def inject_garbage(monkeypatch, recipe, data_steps, requested=None):
+    """A corrupted window of the code source: the batches of `data_steps` become random tokens.
+    `requested` (a list) receives every data step the run draws."""
     real = MixtureSampler.batch
-    garbage_steps = {26, 27}
     code = list(recipe.data.domains).index("code")
 
     def corrupted(self, step, *args, **kwargs):
+        if requested is not None:
+            requested.append(step)
         x, y, tags = real(self, step, *args, **kwargs)
-        if step in garbage_steps:  # a corrupted window of the code source: random tokens
+        if step in data_steps:
             g = torch.Generator().manual_seed(step)
             noise = torch.randint(0, 1024, (x.shape[0], x.shape[1] + 1), generator=g)
             return noise[:, :-1], noise[:, 1:], torch.full_like(tags, code)
         return x, y, tags
 
     monkeypatch.setattr(MixtureSampler, "batch", corrupted)
+
+
+def record_state_at(monkeypatch, steps):
+    """{batch index: [(weights, optimizer state) before the step, after the step], ...} for `steps`,
+    one pair per time the batch index is trained (a rewind trains it again)."""
+    real = Trainer.train_step
+    seen: dict[int, list] = {}
+
+    def snapshot(trainer):
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}, copy.deepcopy(trainer.optimizer.state_dict()["state"])
+
+    def recording(self):
+        step = self.state.step
+        before = snapshot(self) if step in steps else None
+        out = real(self)
+        if before is not None:
+            seen.setdefault(step, []).append((before, snapshot(self)))
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    return seen
+
+
+def same_state(a, b) -> bool:
+    (wa, oa), (wb, ob) = a, b
+    return all(torch.equal(wa[k], wb[k]) for k in wa) and oa.keys() == ob.keys() and all(
+        torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i]
+    )
+
+
+def test_spike_skip_update_leaves_weights_and_optimizer_state_untouched(prepared, tmp_path, monkeypatch):
+    recipe, root = fresh_run(prepared, tmp_path, SPIKE_RUN + ["pretrain.monitor.spike.response=skip_update"])
+    inject_garbage(monkeypatch, recipe, {26})
+    states = record_state_at(monkeypatch, {25, 26, 27})
+    run_recipe(recipe, ["pretrain"])
+    (spike,) = events(root, "spike")
+    assert spike["spike_step"] == 27 and spike["response"] == "skip_update" and spike["source"] == "code"
+    assert [e["step"] for e in events(root, "skip_update")] == [27]
+    assert not events(root, "rewind")
+    (before, after), = states[26]
+    assert same_state(before, after)  # no update: weights and AdamW moments/step count as they were
+    for step in (25, 27):  # the neighbours did update
+        (before, after), = states[step]
+        assert not same_state(before, after)
+    assert max(losses(root)) == 40
+
+
+def test_spike_rewind_resumes_from_the_checkpoint_and_never_sees_the_window_again(prepared, tmp_path, monkeypatch):
+    extra = ["pretrain.monitor.spike.response=rewind", "pretrain.monitor.spike.skip_batches=2"]
+    recipe, root = fresh_run(prepared, tmp_path, SPIKE_RUN + extra)
+    requested = []
+    inject_garbage(monkeypatch, recipe, {26, 27}, requested)
+    states = record_state_at(monkeypatch, {24})
+    run_recipe(recipe, ["pretrain"])
+    (spike,) = events(root, "spike")
+    assert spike["spike_step"] == 27 and spike["response"] == "rewind"
+    (rewind,) = events(root, "rewind")
+    assert rewind["to_step"] == 24 and rewind["skipped_data_steps"] == [24, 29] and "downweighted" not in rewind
+    # The spike is read at log step 28 (data steps 0-27 trained); back at step 24, training goes on
+    # with data step 29: the spike's window and the 2 batches after it are never drawn again.
+    assert requested == list(range(28)) + list(range(29, 45))
+    (first, _), (again, _) = states[24]
+    assert same_state(first, again)  # step 24 restarts from the checkpoint's weights and optimizer state, bit for bit
+    mix = {r["step"]: r["mix/code"] for r in records(root) if "mix/code" in r}
+    assert len(set(mix.values())) == 1  # rewind alone leaves the mixture as it was
+    assert sorted(losses(root)) == list(range(4, 41, 4))
+
+
+def test_garbage_window_spike_is_flagged_and_the_source_downweighted(prepared, tmp_path, monkeypatch):
+    extra = ["pretrain.monitor.spike.response=downweight", "pretrain.monitor.spike.skip_batches=2"]
+    recipe, root = fresh_run(prepared, tmp_path, SPIKE_RUN + extra)
+    inject_garbage(monkeypatch, recipe, {26, 27})
     run_recipe(recipe, ["pretrain"])
     (spike,) = events(root, "spike")
     assert spike["spike_step"] == 27 and spike["source"] == "code" and spike["response"] == "downweight"
@@ -169,11 +251,92 @@ def test_garbage_window_spike_is_flagged_and_the_source_downweighted(prepared, t
     assert rewind["to_step"] == 24 and rewind["downweighted"] == "code"
     assert rewind["skipped_data_steps"] == [24, 29]  # data steps 24..26 plus 2 more are never trained on
     before = recipe.domain_weights(recipe.pretrain.mixture)
-    assert rewind["weights"]["code"] == pytest.approx(before["code"] * 0.5 / (1 - before["code"] * 0.5))
+    halved = before["code"] * 0.5 / (1 - before["code"] * 0.5)
+    assert rewind["weights"]["code"] == pytest.approx(halved)
+    # The logged mixture: code at its recipe weight up to the rewind, halved (renormalised) after it.
+    mix = {r["step"]: r["mix/code"] for r in records(root) if "mix/code" in r}
+    assert all(w == pytest.approx(before["code"]) for s, w in mix.items() if s <= 24)
+    assert all(w == pytest.approx(halved) for s, w in mix.items() if s > 24) and max(mix) == 40
     assert max(losses(root).values()) < spike["batch_loss"]  # the logged curve has no spike left
     report = (root / "pretrain" / "report.md").read_text()
     assert "| spike |" in report and "| rewind |" in report
     assert (root / "pretrain" / "loss_per_source.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("end_on_plateau", [True, False])
+def test_a_phase_configured_to_end_on_plateau_ends_early(prepared, tmp_path, end_on_plateau):
+    # The first phase's lr (1e-9) leaves the model as it is: the validation loss stalls, so the
+    # plateau test (patience 1: one evaluation, every 4 steps) fires at step 8, deterministically.
+    frozen = (
+        "{name: frozen, steps: 16, mixture: {en: 1, zh: 1, code: 1}, lr: 1.0e-9, schedule: constant, warmup_steps: 0,"
+        f" end_on_plateau: {str(end_on_plateau).lower()}}}"
+    )
+    after = "{name: next, steps: 8, mixture: {en: 1, zh: 1, code: 2}, lr: 1.0e-3, schedule: constant, warmup_steps: 0}"
+    extra = [
+        "pretrain.steps=24", "pretrain.eval_every=4", "pretrain.checkpoint_every=24", "pretrain.monitor.plateau.patience=1",
+        f"pretrain.phases=[{frozen}, {after}]",
+    ]  # fmt: skip
+    recipe, root = fresh_run(prepared, tmp_path, extra)
+    run_recipe(recipe, ["pretrain"])
+    assert events(root, "plateau")[0]["step"] == 8
+    (phase,) = events(root, "phase")
+    ends = 8 if end_on_plateau else 16
+    assert (phase["step"], phase["from"], phase["to"]) == (ends, "frozen", "next")
+    assert phase["reason"] == ("plateau" if end_on_plateau else "budget")
+    logged = [r for r in records(root) if "lr" in r]
+    assert [r["step"] for r in logged] == list(range(1, 25))  # the run's total is unchanged
+    for r in logged:  # step s trained batch s-1: the new phase's lr and mixture from batch `ends` on
+        in_next = r["step"] > ends
+        assert r["lr"] == pytest.approx(1.0e-3 if in_next else 1.0e-9) and r["phase"] == int(in_next)
+        assert r["mix/code"] == pytest.approx(0.5 if in_next else 1 / 3)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("response", ["rewind", "skip_update"])
+def test_the_monitor_reads_nothing_back_from_the_device_between_log_steps(prepared, tmp_path, monkeypatch, response):
+    """Every per-step hook (the loss capture, the spike test, the step boundary) runs with the
+    tensor-to-host conversions counted: none, except skip_update's one documented read per step."""
+    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.phases=[]", f"pretrain.monitor.spike.response={response}"])
+    reads, inside = [], [False]
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if inside[0]:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def guarded(method):
+        def run(*args, **kwargs):
+            inside[0] = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inside[0] = False
+
+        return run
+
+    capture = TrainingMonitor.capture
+
+    @contextlib.contextmanager
+    def guarded_capture(self, tags):  # the monitor's work runs when the micro-batch's context closes
+        context = capture(self, tags)
+        context.__enter__()
+        try:
+            yield
+        finally:
+            guarded(context.__exit__)(None, None, None)
+
+    monkeypatch.setattr(TrainingMonitor, "capture", guarded_capture)
+    monkeypatch.setattr(HeuriMentor, "allow_update", guarded(HeuriMentor.allow_update))
+    monkeypatch.setattr(HeuriMentor, "at_boundary", guarded(HeuriMentor.at_boundary))
+    run_recipe(recipe, ["pretrain"])
+    assert max(losses(root)) == 12
+    assert reads == ([] if response == "rewind" else ["__bool__"] * 12)
 
 
 def test_resume_with_fewer_processes_continues_the_loss_curve(prepared, tmp_path, capsys):
