@@ -103,6 +103,17 @@ def test_f16_file_reimported_by_us_is_the_f16_rounded_model(tiny_folder, exporte
     assert (again - ours).abs().max() <= F16_RTOL * ours.abs().max()
 
 
+def test_f32_file_reimported_by_us_is_the_same_model_bit_for_bit(tiny_folder, tmp_path):
+    path = export_gguf(tiny_folder, tmp_path / "tiny-f32.gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+    import_gguf(path, tmp_path / "imported-f32")
+    model, _ = load_model_folder(tiny_folder)
+    back = imported(path)
+    for (name, p), q in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name  # the q/k permutation is undone exactly too
+
+
 @pytest.mark.parametrize("q", ["f16", "q8_0", "q4_0"])
 def test_transformers_gguf_loader_matches_our_import(exported, q):
     from transformers import AutoModelForCausalLM

@@ -145,7 +145,7 @@ def export_cmd(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (hf) or .gguf file (gguf)")],
     format: Annotated[str, typer.Option("--format", "-f", help="hf or gguf")] = "hf",
-    qtype: Annotated[str, typer.Option(help="gguf: f16, q8_0 or q4_0")] = "f16",
+    qtype: Annotated[str, typer.Option(help="gguf: f32, f16, q8_0 or q4_0")] = "f16",
     dtype: Annotated[Optional[str], typer.Option(help="hf: float32, bfloat16 or float16 (default: as trained)")] = None,
 ):
     """Write a model as a Hugging Face folder or a GGUF file for llama.cpp."""

@@ -218,7 +218,7 @@ class ExportConfig(Strict):
     formats: list[Literal["hf", "gguf"]] = Field(default_factory=lambda: ["hf", "gguf"])
     hf_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: as trained
     max_shard_bytes: int = Field(2_000_000_000, gt=0)
-    gguf_qtypes: list[Literal["f16", "q8_0", "q4_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    gguf_qtypes: list[Literal["f32", "f16", "q8_0", "q4_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
 
 
 STAGES = ("curate", "tokenizer", "tokenize", "pretrain", "upscale", "continue_pretrain", "generate", "export", "sft", "dpo", "eval")

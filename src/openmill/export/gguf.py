@@ -2,7 +2,7 @@
 
 Export writes llama.* hyper-parameters, the byte-level BPE vocabulary (tokenizer.ggml.model = "gpt2":
 tokens, token types, merges, special ids, `tokenizer.ggml.pre`), the chat template and the tensors
-in f16, q8_0 or q4_0. Import reads a llama-architecture GGUF (F32/F16 as stored, every quantized
+in f32, f16, q8_0 or q4_0. Import reads a llama-architecture GGUF (F32/F16 as stored, every quantized
 type the `gguf` package can dequantize, e.g. Q8_0/Q4_0/Q4_1) and its tokenizer into a model folder.
 
 Why q and k are permuted: llama.cpp's llama architecture applies RoPE to adjacent pairs
@@ -30,7 +30,7 @@ from openmill.pretokenizers import PRETOKENIZERS, Pretokenizer
 from openmill.tokenizer import new_tokenizer
 
 ARCH = "llama"
-QTYPES = ("f16", "q8_0", "q4_0")
+QTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 # Splits of llama.cpp pre-tokenizer types: ours (openmill.pretokenizers), plus the types of files we
 # import but never train: "smollm" (also starcoder, refact, ...) = every digit alone, then GPT-2's rule
@@ -131,17 +131,18 @@ def _vocab_lists(folder: ModelFolder) -> tuple[list[str], list[int], list[str]]:
 
 
 def _tensor_type(name: str, shape: torch.Size, qtype: str):
-    """The GGML type of one tensor: norms F32; matrices as asked; the output matrix of a q4_0 file
-    Q8_0 (it is the most sensitive one, and llama.cpp's own q4_0 keeps it above 4 bits too); F16
-    when the row length is not a multiple of the quantization block (32)."""
+    """The GGML type of one tensor: norms F32; matrices as asked (f32 keeps fp32 weights exactly: a
+    reference file for parity with llama.cpp); the output matrix of a q4_0 file Q8_0 (it is the most
+    sensitive one, and llama.cpp's own q4_0 keeps it above 4 bits too); F16 when the row length is
+    not a multiple of the quantization block (32)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
     if len(shape) == 1:
         return T.F32
-    target = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
+    target = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
     if target == T.Q4_0 and name == "output":
         target = T.Q8_0
-    if target != T.F16 and shape[-1] % GGML_QUANT_SIZES[target][0] != 0:
+    if target not in (T.F32, T.F16) and shape[-1] % GGML_QUANT_SIZES[target][0] != 0:
         target = T.F16
     return target
 
@@ -169,7 +170,7 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), ARCH, use_temp_file=True)
     writer.add_name(out_path.stem)
-    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                           "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(cfg.vocab_size)
