@@ -9,7 +9,11 @@ cost of weight-only int8/int4 quantization, on SmolLM2-135M-Instruct (fp32), in 
 
 Speed: both sides greedy, the same prompts (8 of different lengths; batch 1 uses the first),
 exactly --new-tokens new tokens each (no early stop), timed end to end (prefill + decode),
-back to back in this one process, median of --repeats after one warm-up. Quality: WikiText-2
+back to back in this one process, median of --repeats after one warm-up. Each side twice: eager
+(transformers `generate` with its default dynamic cache; openmill's engine) and compiled
+(transformers with its static cache + torch.compile of the decode forward, `CompileConfig(mode=
+"default")` forced on CPU; openmill's `compile=True`); the warm-up call's extra time over the
+median is reported as compile_s, never folded into tokens/s. Quality: WikiText-2
 test perplexity over the first --ppl-windows non-overlapping windows of 512 tokens (the model's
 BOS first), every variant on the same tokens.
 """
@@ -46,31 +50,42 @@ PROMPTS = [
 ]
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(median seconds of `repeats` calls, the warm-up call's extra seconds: compilation)."""
+    t = time.perf_counter()
     fn()  # warm-up
+    first = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), max(0.0, first - statistics.median(times))
 
 
-def openmill_run(model, prompts: list[list[int]], n: int):
+def openmill_run(model, prompts: list[list[int]], n: int, compile: bool = False):
     params = SamplingParams(max_new_tokens=n, temperature=0)
-    return lambda: generate_batch(model, prompts, params)
+    return lambda: [r.tokens for r in generate_batch(model, prompts, params, compile=compile)]
 
 
-def hf_run(hf, prompts: list[list[int]], n: int, pad_id: int):
+def hf_run(hf, prompts: list[list[int]], n: int, pad_id: int, compile: bool = False):
+    from transformers import CompileConfig
+
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding, as HF batches
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    extra = {}
+    if compile:  # transformers compiles only on accelerators unless told otherwise
+        config = CompileConfig(mode="default")
+        config._compile_all_devices = True
+        extra = {"cache_implementation": "static", "compile_config": config}
 
     def run():
         with torch.no_grad():
-            return hf.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id
+            out = hf.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id, **extra
             )
+        return out[:, width:].tolist()
 
     return run
 
@@ -115,16 +130,21 @@ def main():
     parts = set(args.parts.split(","))
     # Same greedy tokens first (batch 1): the comparison is only meaningful between equal outputs.
     if "speed" in parts:
-        ours = generate_batch(model, prompts[:1], SamplingParams(max_new_tokens=args.new_tokens, temperature=0))[0].tokens
-        theirs = hf_run(hf, prompts[:1], args.new_tokens, tok.pad_id)()[0, len(prompts[0]) :].tolist()
+        ours = openmill_run(model, prompts[:1], args.new_tokens)()
+        theirs = hf_run(hf, prompts[:1], args.new_tokens, tok.pad_id)()
         record(check="greedy tokens equal (batch 1)", equal=ours == theirs)
 
     for batch in (1, 8) if "speed" in parts else ():
         ps = prompts[:batch]
-        t_hf = timed(hf_run(hf, ps, args.new_tokens, tok.pad_id), args.repeats)
-        t_om = timed(openmill_run(model, ps, args.new_tokens), args.repeats)
         tokens = batch * args.new_tokens
-        record(bench="decode", batch=batch, new_tokens=args.new_tokens, openmill_tok_s=tokens / t_om, transformers_tok_s=tokens / t_hf, speedup=t_hf / t_om)
+        for compile in (False, True):
+            hf_fn, om_fn = hf_run(hf, ps, args.new_tokens, tok.pad_id, compile), openmill_run(model, ps, args.new_tokens, compile)
+            t_hf, c_hf = timed(hf_fn, args.repeats)
+            t_om, c_om = timed(om_fn, args.repeats)
+            eager_om = openmill_run(model, ps, args.new_tokens)() if compile else None
+            record(bench="decode", batch=batch, new_tokens=args.new_tokens, compiled=compile, openmill_tok_s=tokens / t_om,
+                   transformers_tok_s=tokens / t_hf, speedup=t_hf / t_om, openmill_compile_s=c_om, transformers_compile_s=c_hf,
+                   **({"compiled_tokens_equal_eager": om_fn() == eager_om, "transformers_compiled_tokens_equal_eager": hf_fn() == hf_run(hf, ps, args.new_tokens, tok.pad_id)()} if compile else {}))
 
     if "ppl" not in parts:
         return save(rows, args.out)

@@ -171,8 +171,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if cfg.n_kv_heads != cfg.n_heads:
-            # Expanding K/V to H heads costs memory but keeps the fast SDPA kernels on every backend.
+        gqa = cfg.n_kv_heads != cfg.n_heads
+        if gqa and cache is not None:
+            # Generation: SDPA reads the shared K/V heads in place (copying the whole cache to H heads
+            # every step would cost as much as the attention itself on long contexts).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+        if gqa:
+            # Training: expanding K/V to H heads costs memory but keeps the fast SDPA kernels on every backend.
             rep = cfg.n_heads // cfg.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
@@ -253,8 +259,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), or the mean next-token loss if `targets` (B, T).
+
+        `last_only`: logits of the last position only, (B, 1, vocab) (generation: a prefill needs just
+        the next token's, and the output head is the largest matrix).
 
         Without a cache, positions are 0..T-1. With a cache, `pos` (T,) or (B, T) gives the absolute
         positions of the new tokens (negative = padding, attends and is attended to by nothing) and
@@ -304,6 +314,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, pos, cache, mask)
         if targets is not None:
             return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
 
