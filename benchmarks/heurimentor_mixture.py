@@ -89,7 +89,7 @@ def main() -> None:
     common = [
         "stages=[tokenizer,tokenize,pretrain]", f"pretrain.steps={args.steps}", f"pretrain.eval_every={args.eval_every}",
         f"pretrain.eval_tokens={args.eval_tokens}", "pretrain.checkpoint_every=100000", "pretrain.tensorboard=false",
-        "pretrain.warmup_steps=30", "pretrain.mixture={en: 1, zh: 1, code: 1}",
+        "pretrain.warmup_steps=30", "pretrain.mixture={en: 1, zh: 1, code: 1}", "pretrain.optimizer=adamw",
     ]  # fmt: skip
     prepared = args.out / "prepared"
     if not (prepared / "tokens").is_dir():
