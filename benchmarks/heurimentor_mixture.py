@@ -17,7 +17,7 @@ their average, tokens drawn per source, the validation curves) and heurimentor_m
 mixture over time per arm and the average validation loss). Each run's own pretrain/report.md
 stays under --out.
 
-    /work/bin/cpu .venv/bin/python benchmarks/heurimentor_mixture.py --steps 300
+    .venv/bin/python benchmarks/heurimentor_mixture.py --steps 300
 
 The tokenizer and token shards are built once and shared by the three runs.
 """
@@ -119,7 +119,7 @@ def main() -> None:
             "seconds": time.time() - started,
         }
     meta = {
-        "command": f"/work/bin/cpu .venv/bin/python benchmarks/heurimentor_mixture.py --steps {args.steps} --eval-every {args.eval_every} --eval-tokens {args.eval_tokens}",
+        "command": f".venv/bin/python benchmarks/heurimentor_mixture.py --steps {args.steps} --eval-every {args.eval_every} --eval-tokens {args.eval_tokens}",
         "machine": f"{platform.machine()}, 2-core CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
         "date": "2026-11-23",
     }

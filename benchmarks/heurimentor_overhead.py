@@ -14,7 +14,7 @@ over repeats. Also recorded: the monitor's own time per step (`TrainingMonitor.h
 a CPU the ops run synchronously, so this is the monitor's whole cost). Both arms in one process,
 back to back:
 
-    /work/bin/cpu --timing .venv/bin/python benchmarks/heurimentor_overhead.py --prepared runs/heurimentor_bench/prepared
+    .venv/bin/python benchmarks/heurimentor_overhead.py --prepared runs/heurimentor_bench/prepared
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def main() -> None:
                 monitor.append(monitor_per_step)
     off, on = statistics.median(timings["off"]), statistics.median(timings["on"])
     result = {
-        "command": f"/work/bin/cpu --timing .venv/bin/python benchmarks/heurimentor_overhead.py --steps {args.steps} --repeats {args.repeats}",
-        "machine": f"{platform.machine()}, 2-core CPU, 2 threads, idle machine (/work/bin/cpu --timing), torch {torch.__version__}",
+        "command": f".venv/bin/python benchmarks/heurimentor_overhead.py --steps {args.steps} --repeats {args.repeats}",
+        "machine": f"{platform.machine()}, 2-core CPU, 2 threads, idle machine, torch {torch.__version__}",
         "date": "2026-11-23",
         "seconds_per_step": timings,
         "median_off": off,
