@@ -43,6 +43,13 @@ def test_too_long_is_dropped_and_counted_or_fails(tmp_path, tokenizer_path):
     assert dropped["too_long"] == 3 - len(examples) > 0
     with pytest.raises(ValueError, match="t: conversation 0 has .* tokens, more than seq_len 12"):
         tokenize(CONVERSATIONS, tok, SftConfig(seq_len=12, too_long="fail"), "t")
+    # max_examples counts usable examples: the too-long ones before the cap do not use it up
+    full = tokenize(CONVERSATIONS, tok, SftConfig(seq_len=1000), "t")[0]
+    longest_first = sorted(range(3), key=lambda i: -len(full[i].inputs))
+    shortest = len(full[longest_first[-1]].inputs)
+    capped, capped_drop = tokenize([CONVERSATIONS[i] for i in longest_first], tok, SftConfig(seq_len=shortest), "t", limit=1)
+    assert [ex.inputs for ex in capped] == [full[longest_first[-1]].inputs]
+    assert capped_drop["too_long"] == 2  # both longer ones looked at, dropped, and not counted against the cap
 
 
 def test_sft_stage_lowers_heldout_loss_on_the_embedded_sample(tmp_path, tokenizer_path):

@@ -35,7 +35,8 @@ class AlignStage(Strict):
     train: list[Path] = Field(default_factory=list)
     valid: list[Path] = Field(default_factory=list)  # empty: hold out valid_fraction of train
     valid_fraction: float = Field(0.05, ge=0, lt=1)
-    max_examples: int | None = Field(None, gt=0)  # cap on training records (taken after a seeded shuffle)
+    # Cap on training examples that fit seq_len, taken in a seeded shuffled order: dropped ones do not count.
+    max_examples: int | None = Field(None, gt=0)
     bad_records: Literal["fail", "skip"] = "fail"  # skip: counted by reason in the manifest
     template: Literal[TEMPLATES] | None = None  # None: the model folder's own chat template
     system_prompt: str | None = None  # added to conversations that have none

@@ -1,7 +1,7 @@
 """The dpo stage: preference pairs -> a model that prefers the chosen answers.
 
     dpo/final/         the aligned model folder
-    dpo/metrics.jsonl  training loss; held-out val/loss, val/accuracy, val/margin per evaluation
+    dpo/metrics.jsonl  training loss; held-out val/loss, val/accuracy, val/margin, val/logp_accuracy per evaluation
 
 The reference model is the starting model. Its log-probabilities of every train and held-out
 answer are computed once, before training, and kept as two floats per pair: no second model in
@@ -30,9 +30,13 @@ from openmill.align.templates import encode_conversation
 from openmill.textmodel import TextTokenizer
 
 
-def tokenize_pairs(pairs: list[Pair], tok: TextTokenizer, cfg: DpoConfig, where: str) -> tuple[list[tuple[Example, Example]], Counter]:
+def tokenize_pairs(pairs: list[Pair], tok: TextTokenizer, cfg: DpoConfig, where: str,
+                   limit: int | None = None) -> tuple[list[tuple[Example, Example]], Counter]:
+    """Pairs whose both sides fit seq_len, in order, until `limit` of them (too-long ones are not counted)."""
     out, dropped = [], Counter()
     for n, pair in enumerate(pairs):
+        if limit is not None and len(out) == limit:
+            break
         prompt = common.with_system(pair.prompt, cfg.system_prompt)
         sides = []
         for answer in (pair.chosen, pair.rejected):
@@ -102,19 +106,25 @@ def make_loss(cfg: DpoConfig):
 
 
 def preference_eval(cfg: DpoConfig, pairs, ref: torch.Tensor, pad_id: int, batch_pairs: int = 4):
-    """Evaluator on held-out pairs: loss, accuracy (chosen reward > rejected), mean reward margin."""
+    """Evaluator on held-out pairs: loss, accuracy (chosen reward > rejected), mean reward margin,
+    and logp_accuracy: the share of pairs whose chosen answer the model itself finds likelier per
+    token than the rejected one. Rewards are relative to the reference, so at step 0 every margin
+    is 0 and accuracy 0; logp_accuracy says how the starting model already ranks the pairs."""
 
     def evaluate(model) -> dict[str, float]:
         device = model.embed_tokens.weight.device
-        losses, margins = [], []
+        losses, margins, prefers = [], [], []
         for i in range(0, len(pairs), batch_pairs):
             x, y = pair_batch(pairs[i : i + batch_pairs], pad_id)
             logps, lengths = sequence_logps(model, x.to(device), y.to(device))
             loss, rc, rr = dpo_terms(cfg, logps, lengths, ref[i : i + batch_pairs].to(device))
             losses.append(loss)
             margins.append(rc - rr)
-        loss, margin = torch.cat(losses), torch.cat(margins)
-        return {"val/loss": float(loss.mean()), "val/accuracy": float((margin > 0).float().mean()), "val/margin": float(margin.mean())}
+            per_token = logps / lengths.clamp(min=1)
+            prefers.append(per_token[: len(loss)] > per_token[len(loss) :])
+        loss, margin, prefer = torch.cat(losses), torch.cat(margins), torch.cat(prefers)
+        return {"val/loss": float(loss.mean()), "val/accuracy": float((margin > 0).float().mean()),
+                "val/margin": float(margin.mean()), "val/logp_accuracy": float(prefer.float().mean())}
 
     return evaluate
 
@@ -128,7 +138,7 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     train = load_pairs(cfg.train, cfg.format, cfg.bad_records)
     valid = load_pairs(cfg.valid, cfg.format, cfg.bad_records) if cfg.valid else None
     train_items, valid_items = common.split(train.items, cfg, valid.items if valid else None, seed)
-    train_pairs, train_drop = tokenize_pairs(train_items, tok, cfg, "dpo.train")
+    train_pairs, train_drop = tokenize_pairs(train_items, tok, cfg, "dpo.train", cfg.max_examples)
     valid_pairs, valid_drop = tokenize_pairs(valid_items, tok, cfg, "dpo.valid")
     if not train_pairs:
         raise ValueError(f"dpo: every training pair is longer than seq_len {cfg.seq_len}")
@@ -166,6 +176,7 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
         **data,
         "val_accuracy": {"step0": first.get("val/accuracy"), "final": last["val/accuracy"]},
         "val_margin": {"step0": first.get("val/margin"), "final": last["val/margin"]},
+        "val_logp_accuracy": {"step0": first.get("val/logp_accuracy"), "final": last["val/logp_accuracy"]},
         "chat": replies,
     }
     return [out_dir / "final", out_dir / "metrics.jsonl"], metrics

@@ -34,9 +34,13 @@ class Example:
     targets: list[int]  # -100 where no loss
 
 
-def tokenize(conversations: list[list[dict]], tok: TextTokenizer, cfg: SftConfig, where: str) -> tuple[list[Example], Counter]:
+def tokenize(conversations: list[list[dict]], tok: TextTokenizer, cfg: SftConfig, where: str,
+             limit: int | None = None) -> tuple[list[Example], Counter]:
+    """Examples that fit seq_len, in order, until `limit` of them (too-long ones are not counted)."""
     out, dropped = [], Counter()
     for n, messages in enumerate(conversations):
+        if limit is not None and len(out) == limit:
+            break
         ids, mask = encode_conversation(tok, common.with_system(messages, cfg.system_prompt))
         if len(ids) - 1 > cfg.seq_len:
             if cfg.too_long == "fail":
@@ -109,7 +113,7 @@ def run_sft(cfg: SftConfig, init_from: Path, out_dir: Path, seed: int, log=print
     train = load_conversations(cfg.train, cfg.format, cfg.bad_records)
     valid = load_conversations(cfg.valid, cfg.format, cfg.bad_records) if cfg.valid else None
     train_items, valid_items = common.split(train.items, cfg, valid.items if valid else None, seed)
-    train_ex, train_drop = tokenize(train_items, tok, cfg, "sft.train")
+    train_ex, train_drop = tokenize(train_items, tok, cfg, "sft.train", cfg.max_examples)
     valid_ex, valid_drop = tokenize(valid_items, tok, cfg, "sft.valid")
     if not train_ex:
         raise ValueError(f"sft: every training conversation is longer than seq_len {cfg.seq_len}")

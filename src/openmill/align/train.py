@@ -39,16 +39,15 @@ def load_start(folder: Path, cfg: AlignStage, log=print) -> tuple[nn.Module, Tex
 
 
 def split(items: list, cfg: AlignStage, valid_items: list | None, seed: int) -> tuple[list, list]:
-    """(train, held-out): the valid files when given, else a seeded valid_fraction of train."""
+    """(train, held-out): the valid files when given, else a seeded valid_fraction of train. The
+    train list is shuffled; max_examples is applied by the tokenizers, to usable examples."""
     order = list(items)
     random.Random(seed).shuffle(order)
     if valid_items is None:
         n_valid = max(1, round(cfg.valid_fraction * len(order))) if cfg.valid_fraction > 0 else 0
         valid_items, order = order[:n_valid], order[n_valid:]
-    if cfg.max_examples is not None:
-        order = order[: cfg.max_examples]
     if not order:
-        raise ValueError("no training examples left (check train files, valid_fraction and max_examples)")
+        raise ValueError("no training examples left (check train files and valid_fraction)")
     return order, valid_items
 
 
