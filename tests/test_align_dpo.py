@@ -88,3 +88,7 @@ def test_bad_pair_records_fail_naming_file_and_record_or_are_counted(tmp_path):
     loaded = load_pairs([bad], bad_records="skip")
     assert len(loaded.items) == 1
     assert dict(loaded.skipped) == {"missing_role": 1, "empty_answer": 1, "unknown_format": 1}
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(records[0]) + "\n{not json\n")
+    with pytest.raises(AlignDataError, match=r"broken.jsonl:2: not valid JSON"):  # file:line, as every reader
+        load_pairs([broken], bad_records="skip")

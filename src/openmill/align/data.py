@@ -19,10 +19,12 @@ the file, the record and the problem (bad_records="fail"), or is skipped and cou
 from __future__ import annotations
 
 import gzip
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from openmill.data.readers import DataError
+from openmill.data.records import parse_json_records
 
 CONVERSATION_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 PAIR_FORMATS = ("auto", "llamafactory", "hh_rlhf", "messages")
@@ -58,27 +60,16 @@ def read_records(path: Path) -> list:
     path = Path(path)
     if not path.is_file():
         raise AlignDataError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
     name = path.name.removesuffix(".gz")
+    if not name.endswith((".json", ".jsonl")):
+        raise AlignDataError(f"{path}: unknown file type; expected .json, .jsonl (optionally .gz)")
+    opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        if name.endswith(".jsonl"):
-            records = []
-            for n, line in enumerate(f):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise AlignDataError(f"{path}: line {n + 1}: not valid JSON ({e.msg})") from None
-            return records
-        if name.endswith(".json"):
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise AlignDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            if not isinstance(records, list):
-                raise AlignDataError(f"{path}: expected a JSON list of records")
-            return records
-    raise AlignDataError(f"{path}: unknown file type; expected .json, .jsonl (optionally .gz)")
+        text = f.read()
+    try:  # non-objects are kept: each is a bad record, failed or skipped and counted by _load
+        return parse_json_records(text, str(path), lines=name.endswith(".jsonl"), objects=False)
+    except DataError as e:
+        raise AlignDataError(str(e)) from None
 
 
 def load_conversations(paths: list[Path], fmt: str = "auto", bad_records: str = "fail") -> Loaded:

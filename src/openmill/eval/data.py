@@ -10,12 +10,13 @@ import fnmatch
 import glob
 import gzip
 import io
-import json
 import lzma
 import re
 import zipfile
 from pathlib import Path
 
+from openmill.data.readers import DataError
+from openmill.data.records import parse_json_records
 from openmill.eval.tasks import DataSpec, TaskError
 
 _OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}
@@ -44,24 +45,11 @@ def _texts(path: Path, member: str | None) -> list[tuple[str, str]]:
 
 def _parse(text: str, where: str, fmt: str, spec: DataSpec) -> list[dict]:
     records = []
-    if fmt == "jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{where}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise TaskError(f"{where}:{n}: expected a JSON object")
-                records.append(rec)
-    elif fmt == "json":
+    if fmt in ("jsonl", "json"):
         try:
-            tree = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(tree, list) or not all(isinstance(r, dict) for r in tree):
-            raise TaskError(f"{where}: expected a JSON array of objects")
-        records = tree
+            records = parse_json_records(text, where, lines=fmt == "jsonl", objects=True)
+        except DataError as e:
+            raise TaskError(str(e)) from None
     elif fmt == "csv":
         reader = csv.DictReader(io.StringIO(text))
         for rec in reader:
