@@ -42,6 +42,7 @@ from openmill.textmodel import TextTokenizer
 REPO = Path(__file__).resolve().parents[1]
 SFT_FILES = ("alpaca_en_demo.json", "alpaca_zh_demo.json")
 DPO_FILES = ("dpo_en_demo.json", "dpo_zh_demo.json")
+SHOWN = {"seq_len", "valid_fraction", "max_examples", "steps", "batch_size", "lr", "schedule", "warmup_steps"}
 
 
 def configs(data: Path, args) -> tuple[SftConfig, DpoConfig]:
@@ -115,11 +116,13 @@ def main() -> None:
         "torch": torch.__version__,
         "census": counts,
         "census_seconds": round(t1 - t0, 1),
-        "sft": {"config": sft_cfg.model_dump(mode="json", include={"seq_len", "valid_fraction", "max_examples", "steps", "batch_size", "lr", "schedule", "warmup_steps"}),
-                **{k: sft[k] for k in ("val_loss", "train_conversations", "valid_conversations", "train_rows", "train_answer_tokens", "dropped_too_long")},
+        "sft": {"config": sft_cfg.model_dump(mode="json", include=SHOWN),
+                **{k: sft[k] for k in ("val_loss", "train_conversations", "valid_conversations", "train_rows",
+                                       "train_answer_tokens", "dropped_too_long")},
                 "seconds": round(t2 - t1, 1)},
-        "dpo": {"config": dpo_cfg.model_dump(mode="json", include={"seq_len", "valid_fraction", "max_examples", "steps", "batch_size", "lr", "schedule", "warmup_steps", "loss", "beta"}),
-                **{k: dpo[k] for k in ("val_accuracy", "val_margin", "val_logp_accuracy", "train_pairs", "valid_pairs", "dropped_too_long")},
+        "dpo": {"config": dpo_cfg.model_dump(mode="json", include=SHOWN | {"loss", "beta"}),
+                **{k: dpo[k] for k in ("val_accuracy", "val_margin", "val_logp_accuracy", "train_pairs", "valid_pairs",
+                                       "dropped_too_long")},
                 "seconds": round(t3 - t2, 1)},
         "total_seconds": round(t3 - t0, 1),
     }
