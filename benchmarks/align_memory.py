@@ -1,6 +1,6 @@
 """What openmill's precomputed reference log-probs save in a DPO training step, on SmolLM2-135M.
 
-    PYTHONPATH=src /work/bin/cpu --timing .venv/bin/python benchmarks/align_memory.py \\
+    .venv/bin/python benchmarks/align_memory.py \\
         --json benchmarks/align_memory.json
 
 Two ways to train the same DPO steps (sigmoid loss, AdamW, the same pairs), each in a fresh

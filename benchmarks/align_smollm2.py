@@ -1,6 +1,6 @@
 """SFT then DPO on SmolLM2-135M-Instruct (imported), on CPU: held-out numbers before and after.
 
-    PYTHONPATH=src /work/bin/cpu --timing .venv/bin/python benchmarks/align_smollm2.py \\
+    .venv/bin/python benchmarks/align_smollm2.py \\
         --json benchmarks/align_smollm2.json
 
 SFT trains on LLaMA-Factory's EN+ZH Alpaca demo, DPO (from the SFT model) on its EN+ZH preference
