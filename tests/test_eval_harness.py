@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from openmill.eval.config import EvalConfig
 from openmill.eval.metrics import choice_scores, generate_scores
 from openmill.eval.runner import Encoder, Options, run_task
-from openmill.eval.scoring import Group, score_groups
+from openmill.eval.scoring import Group, plan_rows, score_groups
 from openmill.eval.stage import run_eval
 from openmill.eval.tasks import TaskError, load_task_file, load_tasks
 from openmill.textmodel import load_text_model
@@ -45,6 +45,16 @@ def test_shared_context_scores_equal_one_forward_per_choice(folder):
     for g, scores in zip(groups, fast):
         for cont, (ll, _) in zip(g.continuations, scores):
             assert ll == pytest.approx(naive_ll(model, g.context, cont), abs=1e-4)
+
+
+def test_short_groups_share_a_row_instead_of_padding(folder):
+    model, _ = load_text_model(folder)
+    lengths = [60, 31, 29, 20, 20, 20, 12, 8, 3]
+    rows = plan_rows(model, lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    padded = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+    assert padded < len(lengths) * max(lengths) / 2  # one group per row would pad to 540 tokens
+    assert plan_rows(model, [50]) == [[0]]
 
 
 def test_scores_do_not_depend_on_batch_size(folder):
