@@ -6,7 +6,7 @@ C and to itself only (a tree mask). A 4-choice question costs len(C) + sum len(X
 of 4 * len(C) + sum len(Xi). Groups are sorted by length, batched, and packed several to a row
 (first fit; each group attends only to itself; the row width is chosen by `plan_rows`), so a batch
 is not padded to its longest group: on the 72 records of benchmarks/eval.md padding was 40% of
-the tokens a batch computed, packed it is 4%. The output projection runs only at the positions
+the tokens a batch computed, packed it is 5%. The output projection runs only at the positions
 that predict a continuation token, so no (B, T, vocab) logits tensor is ever built. Per-row
 positions and masks need the model's layers called directly: embed_tokens -> layers(x, cos, sin,
 pos, cache=None, mask) -> norm -> lm_head (the layer signature of openmill.model.Block).
