@@ -26,9 +26,6 @@ import torch.nn.functional as F
 
 from openmill.model import Transformer
 
-# What one attention multiply-add costs relative to one of a linear layer's (plan_rows).
-ATTENTION_COST = 1.0
-
 
 @dataclass
 class Group:
@@ -76,18 +73,21 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
 def plan_rows(model: Transformer, lengths: list[int]) -> list[list[int]]:
     """The packing with the fewest estimated multiply-adds. Every padded token costs the layers'
     matmuls; every query also costs attention over the whole row (an explicit mask computes masked
-    keys too). Rows as long as the longest group waste padding; rows holding everything make
-    attention quadratic; the widths between are tried in steps of a quarter of the longest group."""
+    keys too). Rows as long as the longest group waste padding, very wide rows make attention
+    quadratic; widths from the longest group to 8x it are tried in steps of a quarter of it.
+    (Weighting attention 3x, for the CPU kernel's lower rate, measured slower: benchmarks/eval.md.)"""
     per_token = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
-    per_key = ATTENTION_COST * 2 * model.cfg.n_heads * model.cfg.head_dim
+    per_key = 2 * model.cfg.n_heads * model.cfg.head_dim  # q.k and attention-weighted v
     longest = max(lengths)
     best, best_cost = None, None
-    for width in range(longest, sum(lengths) + 1, max(1, longest // 4)):
+    for width in range(longest, min(sum(lengths), 8 * longest) + 1, max(1, longest // 4)):
         rows = pack_rows(lengths, width)
         T = max(sum(lengths[i] for i in row) for row in rows)
         cost = len(rows) * T * (per_token + per_key * T)
         if best_cost is None or cost < best_cost:
             best, best_cost = rows, cost
+        if len(rows) == 1:  # wider rows change nothing
+            break
     return best
 
 
