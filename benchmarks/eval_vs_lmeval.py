@@ -8,7 +8,7 @@ mmlu definitions, pointed at the local files: no hub). It records per task the a
 the largest per-choice log-likelihood difference, and the wall time of each tool (model load
 excluded), run back to back in this one process.
 
-    PYTHONPATH=src /work/bin/cpu --timing .venv/bin/python benchmarks/eval_vs_lmeval.py --per-task 12 --repeats 3 --threads 2
+    .venv/bin/python benchmarks/eval_vs_lmeval.py --per-task 12 --repeats 3 --threads 2
 
 Needs the `eval-harness` extra (lm_eval) and the cached SmolLM2 folder of the test fixtures
 (~/.cache/openmill-tests, made by `pytest -m slow tests/test_export_gguf.py` or this script).
