@@ -172,20 +172,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = cfg.n_kv_heads != cfg.n_heads
-        if gqa and cache is not None:
-            # Generation: SDPA reads the shared K/V heads in place (copying the whole cache to H heads
-            # every step would cost as much as the attention itself on long contexts).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
-        if gqa:
-            # Training: expanding K/V to H heads costs memory but keeps the fast SDPA kernels on every backend.
+        # Generation (a cache): SDPA reads the shared K/V heads in place; copying the whole cache to
+        # H heads every step would cost as much as the attention itself on long contexts. Training:
+        # expanding K/V to H heads costs memory but keeps the fast SDPA kernels on every backend.
+        share_kv = gqa and cache is not None
+        if gqa and not share_kv:
             rep = cfg.n_heads // cfg.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=share_kv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
