@@ -1,5 +1,6 @@
 """DPO: losses and 10 training steps match TRL's DPOTrainer on the same weights, pairs and
-hyperparameters; bad pair files fail naming the file and record, or are skipped and counted."""
+hyperparameters; the step-0 held-out evaluation reused from the reference pass equals a real one;
+bad pair files fail naming the file and record, or are skipped and counted."""
 
 import json
 
@@ -8,8 +9,9 @@ import torch
 
 from openmill.align.config import DpoConfig
 from openmill.align.data import AlignDataError, load_pairs
-from openmill.align.dpo import run_dpo
+from openmill.align.dpo import pair_batch, preference_eval, reference_logps, run_dpo, tokenize_pairs
 from openmill.export import export_hf
+from openmill.textmodel import load_text_model
 
 from .test_export_hf import make_model_folder, tokenizer_path  # noqa: F401 (fixture)
 
@@ -72,6 +74,34 @@ def test_ten_steps_match_trl(tmp_path, tokenizer_path, loss, beta):
         assert ours[0] == pytest.approx(0.6931472, abs=1e-6)
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-5)
     assert ours[-1] < ours[0]
+
+
+def test_step0_evaluation_is_the_reference_pass_and_equals_a_real_evaluation(tmp_path, tokenizer_path):
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    # Held-out pairs of mixed lengths, more than one evaluation batch (4 pairs): the length-sorted
+    # batches must map every result back to its pair.
+    valid_rows = PAIRS + [("Count to ten.", "1 2 3 4 5 6 7 8 9 10", "1 2 3"), ("Hi", "Hello! How can I help you today?", "Go away.")]
+    valid = write_pairs(tmp_path / "valid.jsonl", valid_rows)
+    cfg = DpoConfig(train=[write_pairs(tmp_path / "pairs.jsonl", PAIRS)], valid=[valid], steps=1, batch_size=2, lr=1e-3,
+                    seq_len=64, log_every=1, eval_every=100, checkpoint_every=100)
+    run_dpo(cfg, folder, tmp_path / "out", seed=0, log=lambda *a: None)
+    logged = next(json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open() if "val/loss" in line)
+    assert logged["step"] == 0
+
+    model, tok = load_text_model(folder)
+    model.eval()
+    pairs, _ = tokenize_pairs(load_pairs([valid]).items, tok, cfg, "valid")
+    assert len(pairs) == len(valid_rows)
+    ref = reference_logps(model, pairs, tok.pad_id)
+    with torch.no_grad():
+        real = preference_eval(cfg, pairs, ref, tok.pad_id)(model)  # what the engine's evaluation would run at step 0
+        # Each pair alone, through full-vocabulary logits: the log-probs the sorted batches must give.
+        for (chosen, rejected), got in zip(pairs, ref):
+            x, y = pair_batch([(chosen, rejected)], tok.pad_id)
+            full = torch.gather(torch.log_softmax(model(x), dim=-1), 2, y.clamp(min=0)[..., None]).squeeze(-1)
+            assert got.tolist() == pytest.approx((full * (y != -100)).sum(dim=1).tolist(), abs=1e-4)
+    assert {k: v for k, v in logged.items() if k.startswith("val/")} == real
+    assert real["val/accuracy"] == 0 and real["val/margin"] == 0 and real["val/loss"] == pytest.approx(0.6931472, abs=1e-7)
 
 
 def test_bad_pair_records_fail_naming_file_and_record_or_are_counted(tmp_path):

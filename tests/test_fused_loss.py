@@ -44,3 +44,38 @@ def test_no_gradient_work_under_no_grad():
     with torch.no_grad():
         loss = linear_cross_entropy(h, w, t)
     assert loss.grad_fn is None and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_target_logps_match_full_log_softmax_with_ignored_targets(chunk):
+    from openmill.fused_loss import linear_target_logps
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 20, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 300, (3, 20))
+    t[0, :5], t[2, 12:] = -100, -100
+    upstream = torch.randn(3, 20, dtype=torch.float64)  # each token its own gradient, as DPO's pairs give
+    fused = linear_target_logps(h, w, t, chunk=chunk)
+    gh, gw = torch.autograd.grad((fused * upstream).sum(), (h, w))
+    full = torch.gather(F.log_softmax(h @ w.t(), dim=-1), 2, t.clamp(min=0)[..., None]).squeeze(-1) * (t != -100)
+    ph, pw = torch.autograd.grad((full * upstream).sum(), (h, w))
+    assert torch.allclose(fused, full, atol=1e-12)
+    assert torch.allclose(gh, ph, atol=1e-12) and torch.allclose(gw, pw, atol=1e-12)
+
+
+def test_model_target_logps_equal_logits_log_softmax_fp32():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=500, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True, max_seq_len=32)
+    model = build_model(cfg.resolved())
+    x = torch.randint(0, 500, (3, 17))
+    t = x[:, 1:].clone()
+    t[:, :6] = -100  # the prompt: no log-probs, no gradient
+    fused = model(x[:, :-1], targets=t, target_logps=True)
+    fused.sum().backward()
+    g_fused = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    full = torch.gather(F.log_softmax(model(x[:, :-1]), dim=-1), 2, t.clamp(min=0)[..., None]).squeeze(-1) * (t != -100)
+    full.sum().backward()
+    assert torch.allclose(fused, full, atol=1e-5) and (fused[:, :6] == 0).all()
+    assert torch.allclose(g_fused, model.embed_tokens.weight.grad, atol=1e-5)

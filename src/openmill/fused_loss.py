@@ -93,3 +93,61 @@ def linear_cross_entropy(
     """Mean next-token loss of hidden (..., C) against targets (...) through the projection weight (V, C)."""
     chunk = chunk or default_chunk(weight.shape[0], hidden.device)
     return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), chunk, ignore_index)
+
+
+class LinearTargetLogProbs(torch.autograd.Function):
+    """Per-token log-probabilities of the targets through the output projection, chunk by chunk.
+
+    Unlike the mean loss above, each token's output gets its own upstream gradient (DPO weighs a
+    sequence's tokens by that sequence's pair), so the weight gradient cannot be accumulated during
+    the forward: the backward recomputes each chunk's logits from the saved hidden states and
+    log-sum-exps instead of keeping (N, V) probabilities."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        """hidden (N, C), weight (V, C), targets (N,) valid ids -> (N,) log p(target)."""
+        w = weight.to(hidden.dtype)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        out = torch.empty_like(lse)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s : s + chunk] @ w.t()).to(acc)
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(hidden.dtype)
+        acc = lse.dtype
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, t, g = hidden[s : s + ctx.chunk], targets[s : s + ctx.chunk], grad_out[s : s + ctx.chunk].to(acc)
+            # d log p(t) / d logits = onehot(t) - softmax, times this token's upstream gradient.
+            grad = (h @ w.t()).to(acc).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            grad[torch.arange(len(t), device=t.device), t] += g
+            grad = grad.to(hidden.dtype)
+            grad_h[s : s + ctx.chunk] = grad @ w
+            if h.dtype == acc:
+                grad_w.addmm_(grad.t(), h)
+            else:
+                grad_w += (grad.t() @ h).to(acc)
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
+def linear_target_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """log p(target) of hidden (..., C) through the projection weight (V, C), shaped like targets,
+    0 where targets == ignore_index. Only the kept positions go through the projection (for DPO,
+    the answer tokens: the prompt and padding cost no logits)."""
+    chunk = chunk or default_chunk(weight.shape[0], hidden.device)
+    flat_t = targets.flatten()
+    keep = (flat_t != ignore_index).nonzero().squeeze(1)
+    picked = LinearTargetLogProbs.apply(hidden.flatten(0, -2)[keep], weight, flat_t[keep], chunk)
+    out = torch.zeros(flat_t.shape, dtype=picked.dtype, device=picked.device)
+    return out.index_put((keep,), picked).view(targets.shape)

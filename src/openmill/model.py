@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmill.config import ModelConfig
-from openmill.fused_loss import linear_cross_entropy
+from openmill.fused_loss import linear_cross_entropy, linear_target_logps
 
 
 class RMSNorm(nn.Module):
@@ -255,6 +255,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         last_only: bool = False,
+        target_logps: bool = False,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), or the mean next-token loss if `targets` (B, T).
 
@@ -265,7 +266,8 @@ class Transformer(nn.Module):
         positions of the new tokens (negative = padding, attends and is attended to by nothing) and
         attention covers every cached position up to them (within the window, if any). With targets the
         output projection and the loss are fused (fused_loss.py): no (B, T, vocab) logits are kept.
-        Targets equal to -100 are ignored.
+        Targets equal to -100 are ignored. `target_logps`: instead of the mean loss, the (B, T) log-probs
+        of the targets (0 where ignored), also without full-vocabulary logits (DPO's sequence log-probs).
 
         `doc_ids` (B, T) packs several documents into one row (SFT packing): a token attends only to
         earlier tokens of its own document and positions restart at each document's first token, so
@@ -307,6 +309,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)
+        if targets is not None and target_logps:
+            return linear_target_logps(self.norm(x), self.lm_head.weight, targets)
         if targets is not None:
             return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
         if last_only:

@@ -59,11 +59,33 @@ def pair_batch(pairs: list[tuple[Example, Example]], pad_id: int) -> tuple[torch
 
 
 def sequence_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log-probs of the target tokens, their count), each (B,)."""
-    logits = model(inputs).float()
-    keep = targets != -100
-    picked = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (picked * keep).sum(dim=1), keep.sum(dim=1)
+    """(sum of log-probs of the target tokens, their count), each (B,). Only the answer tokens go
+    through the output head, in chunks (model.forward's target_logps): no (B, T, vocab) logits."""
+    picked = model(inputs, targets=targets, target_logps=True)
+    return picked.sum(dim=1), (targets != -100).sum(dim=1)
+
+
+def answer_lengths(pairs: list[tuple[Example, Example]]) -> torch.Tensor:
+    """(n, 2) answer token counts of (chosen, rejected)."""
+    return torch.tensor([[sum(t != -100 for t in side.targets) for side in pair] for pair in pairs])
+
+
+def length_batches(pairs: list[tuple[Example, Example]], batch_pairs: int) -> list[list[int]]:
+    """Pair indices in batches of similar length (longest first): a batch is padded to its longest
+    sequence, so grouping by length wastes less compute on padding than the file's order."""
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(side.inputs) for side in pairs[i]))
+    return [order[i : i + batch_pairs] for i in range(0, len(order), batch_pairs)]
+
+
+def pair_logps(model, pairs: list[tuple[Example, Example]], pad_id: int, batch_pairs: int) -> torch.Tensor:
+    """(n, 2) summed log-probs of (chosen, rejected) under the model, in the pairs' order."""
+    device = model.embed_tokens.weight.device
+    out = torch.empty(len(pairs), 2)
+    for idx in length_batches(pairs, batch_pairs):
+        x, y = pair_batch([pairs[i] for i in idx], pad_id)
+        lp, _ = sequence_logps(model, x.to(device), y.to(device))
+        out[idx] = torch.stack([lp[: len(idx)], lp[len(idx) :]], dim=1).float().cpu()
+    return out
 
 
 def dpo_terms(cfg: DpoConfig, logps, lengths, ref) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,14 +109,9 @@ def reference_logps(model, pairs, pad_id: int, batch_pairs: int = 4) -> torch.Te
     """(n, 2) log-probs of (chosen, rejected) under the model as it is now: the DPO reference."""
     was_training = model.training
     model.eval()
-    out = []
-    for i in range(0, len(pairs), batch_pairs):
-        x, y = pair_batch(pairs[i : i + batch_pairs], pad_id)
-        lp, _ = sequence_logps(model, x.to(model.embed_tokens.weight.device), y.to(model.embed_tokens.weight.device))
-        k = len(lp) // 2
-        out.append(torch.stack([lp[:k], lp[k:]], dim=1).cpu())
+    out = pair_logps(model, pairs, pad_id, batch_pairs)
     model.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def make_loss(cfg: DpoConfig):
@@ -105,26 +122,25 @@ def make_loss(cfg: DpoConfig):
     return loss_fn
 
 
-def preference_eval(cfg: DpoConfig, pairs, ref: torch.Tensor, pad_id: int, batch_pairs: int = 4):
-    """Evaluator on held-out pairs: loss, accuracy (chosen reward > rejected), mean reward margin,
-    and logp_accuracy: the share of pairs whose chosen answer the model itself finds likelier per
+def preference_metrics(cfg: DpoConfig, logps: torch.Tensor, lengths: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Held-out metrics from (n, 2) policy log-probs, answer lengths and reference log-probs of
+    (chosen, rejected): loss, accuracy (chosen reward > rejected), mean reward margin, and
+    logp_accuracy: the share of pairs whose chosen answer the model itself finds likelier per
     token than the rejected one. Rewards are relative to the reference, so at step 0 every margin
     is 0 and accuracy 0; logp_accuracy says how the starting model already ranks the pairs."""
+    loss, chosen, rejected = dpo_terms(cfg, torch.cat([logps[:, 0], logps[:, 1]]), torch.cat([lengths[:, 0], lengths[:, 1]]), ref)
+    margin = chosen - rejected
+    per_token = logps / lengths.clamp(min=1)
+    return {"val/loss": float(loss.mean()), "val/accuracy": float((margin > 0).float().mean()),
+            "val/margin": float(margin.mean()), "val/logp_accuracy": float((per_token[:, 0] > per_token[:, 1]).float().mean())}
+
+
+def preference_eval(cfg: DpoConfig, pairs, ref: torch.Tensor, pad_id: int, batch_pairs: int = 4):
+    """Evaluator on held-out pairs (preference_metrics)."""
+    lengths = answer_lengths(pairs)
 
     def evaluate(model) -> dict[str, float]:
-        device = model.embed_tokens.weight.device
-        losses, margins, prefers = [], [], []
-        for i in range(0, len(pairs), batch_pairs):
-            x, y = pair_batch(pairs[i : i + batch_pairs], pad_id)
-            logps, lengths = sequence_logps(model, x.to(device), y.to(device))
-            loss, rc, rr = dpo_terms(cfg, logps, lengths, ref[i : i + batch_pairs].to(device))
-            losses.append(loss)
-            margins.append(rc - rr)
-            per_token = logps / lengths.clamp(min=1)
-            prefers.append(per_token[: len(loss)] > per_token[len(loss) :])
-        loss, margin, prefer = torch.cat(losses), torch.cat(margins), torch.cat(prefers)
-        return {"val/loss": float(loss.mean()), "val/accuracy": float((margin > 0).float().mean()),
-                "val/margin": float(margin.mean()), "val/logp_accuracy": float(prefer.float().mean())}
+        return preference_metrics(cfg, pair_logps(model, pairs, pad_id, batch_pairs), lengths, ref)
 
     return evaluate
 
@@ -145,7 +161,7 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     pad_id = tok.pad_id
     # Reference log-probs before the first update (and before LoRA changes anything: B starts at 0).
     ref_train = reference_logps(model, train_pairs, pad_id)
-    ref_valid = reference_logps(model, valid_pairs, pad_id)
+    ref_valid = reference_logps(model, valid_pairs, pad_id)  # in the evaluator's batches: its step 0, exactly
     micro = cfg.batch_size // cfg.grad_accum
 
     def batch_fn(step: int):
@@ -165,8 +181,11 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     }
     log(f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train_pairs)} pairs, {len(valid_pairs)} held out; "
         f"skipped {data['skipped_records'] or 'none'}, too long {data['dropped_too_long'] or 'none'}")
+    # At step 0 the policy is its reference: the reference pass already gave the held-out
+    # evaluation (the same forward), so it is not run a second time.
+    step0 = preference_metrics(cfg, ref_valid, answer_lengths(valid_pairs), ref_valid)
     result = common.fit(model, cfg, out_dir, batch_fn, preference_eval(cfg, valid_pairs, ref_valid, pad_id), make_loss(cfg),
-                        {"stage": "dpo", "resume_key": common.resume_key(cfg, init_from)}, log)
+                        {"stage": "dpo", "resume_key": common.resume_key(cfg, init_from)}, log, first_eval=step0)
     model.eval()
     replies = common.chat(model, tok, cfg.chat_prompts, cfg.system_prompt, cfg.chat_max_new_tokens)
     common.save_final(out_dir / "final", model, tok, init_from, {"stage": "dpo", "init_from": str(init_from), "steps": cfg.steps})

@@ -68,7 +68,8 @@ def epoch_order(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalFn, loss_fn: LossFn, meta: dict, log=print) -> dict:
+def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalFn, loss_fn: LossFn, meta: dict, log=print,
+        first_eval: dict | None = None) -> dict:
     world = init_world()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -82,7 +83,7 @@ def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalF
     def progress(step, loss, tps):
         log(f"  step {step}/{cfg.steps}  loss {loss:.4f}  {tps:,.0f} tok/s")
 
-    result = trainer.fit(metrics, progress)
+    result = trainer.fit(metrics, progress, first_eval)
     metrics.close()
     return result
 

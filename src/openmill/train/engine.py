@@ -229,16 +229,20 @@ class Trainer:
         self.model.train()
         return results
 
-    def fit(self, metrics: MetricsLog, progress=None) -> dict:
-        """Train from self.state.step to cfg.steps; returns the first and last evaluation."""
+    def fit(self, metrics: MetricsLog, progress=None, first_eval: dict[str, float] | None = None) -> dict:
+        """Train from self.state.step to cfg.steps; returns the first and last evaluation.
+
+        `first_eval`: the step-0 evaluation when the caller already has it (DPO's reference pass
+        is that forward), logged instead of evaluating again; ignored when resuming."""
         cfg = self.cfg
         self.metrics = metrics  # hooks log their events here
         fpt = flops_per_token(self.raw, cfg.seq_len)
         peak = peak_flops(self.world.device)
-        first_eval = None
         if self.state.step == 0:
-            first_eval = self.evaluate()
+            first_eval = first_eval if first_eval is not None else self.evaluate()
             metrics.log(0, **first_eval)
+        else:
+            first_eval = None
         last_eval = first_eval
         running, window_tokens, t0 = torch.zeros((), device=self.world.device), 0, time.perf_counter()
         window_steps = 0
