@@ -83,10 +83,10 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=20)
     p.add_argument("--sft-batch", type=int, default=2)
     p.add_argument("--sft-lr", type=float, default=1e-4)
-    p.add_argument("--dpo-seq-len", type=int, default=1024)
-    p.add_argument("--dpo-valid-fraction", type=float, default=0.1)
-    p.add_argument("--dpo-examples", type=int, default=32)
-    p.add_argument("--dpo-steps", type=int, default=16)
+    p.add_argument("--dpo-seq-len", type=int, default=768)
+    p.add_argument("--dpo-valid-fraction", type=float, default=0.17)
+    p.add_argument("--dpo-examples", type=int, default=24)
+    p.add_argument("--dpo-steps", type=int, default=12)
     p.add_argument("--dpo-batch", type=int, default=2)
     p.add_argument("--dpo-lr", type=float, default=3e-5)
     p.add_argument("--dpo-beta", type=float, default=0.1)
@@ -103,12 +103,21 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="align_smollm2_"))
 
     t0 = time.perf_counter()
+    timeline = []  # (seconds since the start, the stages' log line): where the time of each part goes
+
+    def log(message):
+        timeline.append((round(time.perf_counter() - t0, 1), message))
+        print(f"[{timeline[-1][0]:7.1f} s] {message}", flush=True)
+
     counts = {} if args.skip_census else census(args.model, data, sft_cfg, dpo_cfg)
     t1 = time.perf_counter()
-    _, sft = run_sft(sft_cfg, args.model, work / "sft", seed=0)
+    log("census done")
+    _, sft = run_sft(sft_cfg, args.model, work / "sft", seed=0, log=log)
     t2 = time.perf_counter()
-    _, dpo = run_dpo(dpo_cfg, work / "sft" / "final", work / "dpo", seed=0)
+    log("sft done")
+    _, dpo = run_dpo(dpo_cfg, work / "sft" / "final", work / "dpo", seed=0, log=log)
     t3 = time.perf_counter()
+    log("dpo done")
 
     result = {
         "command": " ".join(["benchmarks/align_smollm2.py", *sys.argv[1:]]),
@@ -125,6 +134,7 @@ def main() -> None:
                                        "dropped_too_long")},
                 "seconds": round(t3 - t2, 1)},
         "total_seconds": round(t3 - t0, 1),
+        "timeline": timeline,
     }
     dpo_eval = [json.loads(line) for line in (work / "dpo" / "metrics.jsonl").open() if "val/loss" in line]
     result["dpo"]["val_loss"] = {"step0": dpo_eval[0]["val/loss"], "final": dpo_eval[-1]["val/loss"]}

@@ -16,6 +16,7 @@ over answer tokens, and d_norm the same with each log-ratio divided by its answe
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -159,9 +160,19 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     if not train_pairs:
         raise ValueError(f"dpo: every training pair is longer than seq_len {cfg.seq_len}")
     pad_id = tok.pad_id
+    data = {
+        "train_pairs": len(train_pairs),
+        "valid_pairs": len(valid_pairs),
+        "skipped_records": dict(train.skipped + (valid.skipped if valid else Counter())),
+        "dropped_too_long": dict(train_drop + valid_drop),
+    }
+    log(f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train_pairs)} pairs, {len(valid_pairs)} held out; "
+        f"skipped {data['skipped_records'] or 'none'}, too long {data['dropped_too_long'] or 'none'}")
     # Reference log-probs before the first update (and before LoRA changes anything: B starts at 0).
+    started = time.perf_counter()
     ref_train = reference_logps(model, train_pairs, pad_id)
     ref_valid = reference_logps(model, valid_pairs, pad_id)  # in the evaluator's batches: its step 0, exactly
+    log(f"reference log-probs of {len(train_pairs) + len(valid_pairs)} pairs: {time.perf_counter() - started:.0f} s")
     micro = cfg.batch_size // cfg.grad_accum
 
     def batch_fn(step: int):
@@ -173,14 +184,6 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
             out.append((x, y, ref_train[idx]))
         return out
 
-    data = {
-        "train_pairs": len(train_pairs),
-        "valid_pairs": len(valid_pairs),
-        "skipped_records": dict(train.skipped + (valid.skipped if valid else Counter())),
-        "dropped_too_long": dict(train_drop + valid_drop),
-    }
-    log(f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train_pairs)} pairs, {len(valid_pairs)} held out; "
-        f"skipped {data['skipped_records'] or 'none'}, too long {data['dropped_too_long'] or 'none'}")
     # At step 0 the policy is its reference: the reference pass already gave the held-out
     # evaluation (the same forward), so it is not run a second time.
     step0 = preference_metrics(cfg, ref_valid, answer_lengths(valid_pairs), ref_valid)
