@@ -9,6 +9,9 @@ subprocess so that its peak resident memory (getrusage ru_maxrss) is its own:
   starting model (dpo.reference_logps) before training; the step runs the policy only.
 - reference_model (TRL's default, precompute_ref_log_probs=False): a frozen copy of the starting
   model stays in memory and runs on each batch (no grad) before the policy's step.
+- full_logits: as precomputed, but the sequence log-probs come from full-vocabulary (B, T, V)
+  logits and a log-softmax (openmill's path before the chunked, answer-only output head,
+  model.forward's target_logps), to measure what that head saves.
 The pairs are fixed random tokens (PAIRS pairs, prompt PROMPT + answer ANSWER tokens per side), so
 the measure does not depend on a data set. Seconds per step: median after the first step.
 """
@@ -27,7 +30,15 @@ from pathlib import Path
 
 import torch
 
-MODES = ("precomputed", "reference_model")
+MODES = ("precomputed", "reference_model", "full_logits")
+
+
+def full_logits_sequence_logps(model, inputs, targets):
+    """The sequence log-probs through (B, T, V) logits and log_softmax (the path before target_logps)."""
+    logits = model(inputs).float()
+    keep = targets != -100
+    picked = torch.gather(torch.log_softmax(logits, dim=-1), 2, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * keep).sum(dim=1), keep.sum(dim=1)
 
 
 def pairs(n: int, prompt: int, answer: int, vocab: int):
@@ -46,9 +57,13 @@ def pairs(n: int, prompt: int, answer: int, vocab: int):
 
 
 def child(mode: str, model_dir: Path, n_pairs: int, prompt: int, answer: int, steps: int) -> dict:
+    from openmill.align import dpo
     from openmill.align.config import DpoConfig
     from openmill.align.dpo import make_loss, pair_batch, reference_logps
     from openmill.textmodel import load_text_model
+
+    if mode == "full_logits":
+        dpo.sequence_logps = full_logits_sequence_logps  # the loss and the reference pass both use it
 
     torch.manual_seed(0)
     model, tok = load_text_model(model_dir)
@@ -56,7 +71,7 @@ def child(mode: str, model_dir: Path, n_pairs: int, prompt: int, answer: int, st
     batch = pairs(n_pairs, prompt, answer, model.cfg.vocab_size)
     x, y = pair_batch(batch, tok.pad_id)
     loss_fn = make_loss(DpoConfig(beta=0.1))
-    if mode == "precomputed":
+    if mode != "reference_model":
         ref = reference_logps(model, batch, tok.pad_id, batch_pairs=n_pairs)
         reference = None
     else:
@@ -105,7 +120,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", mode, "--model", str(args.model), "--pairs", str(args.pairs),
                "--prompt", str(args.prompt), "--answer", str(args.answer), "--steps", str(args.steps)]
         runs[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    pre, ref = runs["precomputed"], runs["reference_model"]
+    pre, ref, full = runs["precomputed"], runs["reference_model"], runs["full_logits"]
     result = {
         "command": " ".join(["benchmarks/align_memory.py", *sys.argv[1:]]),
         "torch": torch.__version__,
@@ -115,6 +130,9 @@ def main() -> None:
         "saved_mib": ref["peak_rss_mib"] - pre["peak_rss_mib"],
         "saved_fraction": 1 - pre["peak_rss_mib"] / ref["peak_rss_mib"],
         "same_losses": max(abs(a - b) for a, b in zip(pre["losses"], ref["losses"])),
+        "target_logps_saved_mib": full["peak_rss_mib"] - pre["peak_rss_mib"],
+        "target_logps_step_speedup": full["seconds_per_step"] / pre["seconds_per_step"],
+        "full_logits_loss_difference": max(abs(a - b) for a, b in zip(pre["losses"], full["losses"])),
     }
     text = json.dumps(result, indent=1)
     print(text)
