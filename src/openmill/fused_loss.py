@@ -7,6 +7,8 @@ chunk of tokens gets its logits, log-sum-exp, loss and logit gradient (softmax -
 place, and the gradients of the hidden states and of W are accumulated during the forward; the
 backward only scales them. Peak extra memory is one (chunk, V) block instead of two (N, V).
 Numerically this is the same math as the plain path (tests/test_fused_loss.py compares them).
+`linear_target_logps` gives the per-token log-probs of the targets the same chunked way (DPO's
+sequence log-probs), on the kept positions only.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def linear_target_logps(
     the answer tokens: the prompt and padding cost no logits)."""
     chunk = chunk or default_chunk(weight.shape[0], hidden.device)
     flat_t = targets.flatten()
-    keep = (flat_t != ignore_index).nonzero().squeeze(1)
+    keep = (flat_t != ignore_index).nonzero().squeeze(1)  # one host sync on GPU: the kept count sizes the work
     picked = LinearTargetLogProbs.apply(hidden.flatten(0, -2)[keep], weight, flat_t[keep], chunk)
     out = torch.zeros(flat_t.shape, dtype=picked.dtype, device=picked.device)
     return out.index_put((keep,), picked).view(targets.shape)
