@@ -2,6 +2,7 @@
 cost of weight-only int8/int4 quantization, on SmolLM2-135M-Instruct (fp32), in one run.
 
     python benchmarks/inference.py [--folder DIR] [--new-tokens 32] [--repeats 3] [--ppl-windows 16]
+        [--parts speed,ppl] [--modes eager,compiled]
 
 --folder: an openmill model folder of SmolLM2 (default: the test cache's import,
 ~/.cache/openmill-tests/smollm2-135m-instruct; create it with
@@ -9,7 +10,8 @@ cost of weight-only int8/int4 quantization, on SmolLM2-135M-Instruct (fp32), in 
 
 Speed: both sides greedy, the same prompts (8 of different lengths; batch 1 uses the first),
 exactly --new-tokens new tokens each (no early stop), timed end to end (prefill + decode),
-back to back in this one process, median of --repeats after one warm-up. Each side twice: eager
+back to back in this one process, the two sides taking turns, median of --repeats after one
+warm-up each. Each side twice: eager
 (transformers `generate` with its default dynamic cache; openmill's engine) and compiled
 (transformers with its static cache + torch.compile of the decode forward, `CompileConfig(mode=
 "default")` forced on CPU; openmill's `compile=True`); the warm-up call's extra time over the
@@ -50,17 +52,20 @@ PROMPTS = [
 ]
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median seconds of `repeats` calls, the warm-up call's extra seconds: compilation)."""
-    t = time.perf_counter()
-    fn()  # warm-up
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
+def timed(fns: list, repeats: int) -> list[tuple[float, float]]:
+    """For each fn: (median seconds of `repeats` calls, the warm-up call's extra seconds: compilation).
+    The fns take turns call by call, so a slow spell of this shared VM hits both sides alike."""
+    first, times = [], [[] for _ in fns]
+    for fn in fns:  # warm-up
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), max(0.0, first - statistics.median(times))
+        first.append(time.perf_counter() - t)
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [(statistics.median(ts), max(0.0, f - statistics.median(ts))) for f, ts in zip(first, times, strict=True)]
 
 
 def openmill_run(model, prompts: list[list[int]], n: int, compile: bool = False):
@@ -108,6 +113,7 @@ def main():
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--wikitext", type=Path, default=WIKITEXT, help="WikiText-2 test.txt (../shared/data from the repo root)")
     ap.add_argument("--parts", default="speed,ppl", help="what to measure: speed, ppl or both")
+    ap.add_argument("--modes", default="eager,compiled", help="speed: eager, compiled or both")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("inference.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -129,18 +135,20 @@ def main():
 
     parts = set(args.parts.split(","))
     # Same greedy tokens first (batch 1): the comparison is only meaningful between equal outputs.
-    if "speed" in parts:
-        ours = openmill_run(model, prompts[:1], args.new_tokens)()
-        theirs = hf_run(hf, prompts[:1], args.new_tokens, tok.pad_id)()
-        record(check="greedy tokens equal (batch 1)", equal=ours == theirs)
+    # At batch 8 transformers' left padding may shift a near-tie (its padded rows see other positions'
+    # numerics); the row count that agrees is recorded, not required.
+    for batch in (1, 8) if "speed" in parts else ():
+        ours = openmill_run(model, prompts[:batch], args.new_tokens)()
+        theirs = hf_run(hf, prompts[:batch], args.new_tokens, tok.pad_id)()
+        record(check=f"greedy tokens equal (batch {batch})", rows_equal=sum(a == b for a, b in zip(ours, theirs, strict=True)), rows=batch)
 
+    modes = [m == "compiled" for m in args.modes.split(",")]
     for batch in (1, 8) if "speed" in parts else ():
         ps = prompts[:batch]
         tokens = batch * args.new_tokens
-        for compile in (False, True):
+        for compile in modes:
             hf_fn, om_fn = hf_run(hf, ps, args.new_tokens, tok.pad_id, compile), openmill_run(model, ps, args.new_tokens, compile)
-            t_hf, c_hf = timed(hf_fn, args.repeats)
-            t_om, c_om = timed(om_fn, args.repeats)
+            (t_hf, c_hf), (t_om, c_om) = timed([hf_fn, om_fn], args.repeats)
             eager_om = openmill_run(model, ps, args.new_tokens)() if compile else None
             record(bench="decode", batch=batch, new_tokens=args.new_tokens, compiled=compile, openmill_tok_s=tokens / t_om,
                    transformers_tok_s=tokens / t_hf, speedup=t_hf / t_om, openmill_compile_s=c_om, transformers_compile_s=c_hf,
