@@ -32,6 +32,26 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# Inputs of at most this many rows (decoding: one token per sequence) go through oneDNN when no
+# gradient is needed; see Linear. Longer ones (prefill, training) were not measured to gain.
+ONEDNN_MAX_ROWS = 16
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose fp32 CPU inference on a few rows runs oneDNN's
+    matmul instead of MKL's: decoding multiplies one vector per sequence by every weight, and there
+    MKL reads the large matrices (the output head, gate/up) at about half the memory bandwidth that
+    oneDNN reaches on this 2-core AMD CPU (benchmarks/inference.md). Same products to ~1e-6 (a
+    different summation order). Training, autograd and longer inputs keep F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if not _ONEDNN or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 def rope_tables(cfg: ModelConfig, n_positions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (n_positions, D), in fp32, rotate-half layout (frequencies repeated twice).
     The first half of sin is negated, so `apply_rope` needs no negation (see there)."""
@@ -109,7 +129,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slot_pos", torch.full((batch_size, 1 + self.n_slots), -1, device=device), persistent=False)
-        self._slots, self._rows, self._concat = None, None, False
+        self._index, self._concat = None, False
 
     def view(self, rows: slice = slice(None), below: int | None = None) -> KVCache:
         """A view sharing this cache's storage: only `rows`, and only the slots of positions
@@ -120,7 +140,7 @@ class KVCache(nn.Module):
         out.rolling, out.n_slots, out.max_len = self.rolling, self.n_slots, self.max_len
         out.k, out.v = self.k[:, rows, :, :width], self.v[:, rows, :, :width]
         out.slot_pos = self.slot_pos[rows, :width]
-        out._slots, out._rows, out._concat = None, None, False
+        out._index, out._concat = None, False
         return out
 
     def reset(self, rows: slice | int = slice(None)) -> None:
@@ -140,8 +160,10 @@ class KVCache(nn.Module):
             keep = pos > pos.max(dim=1, keepdim=True).values - self.n_slots
             slots = torch.where(keep, slots, 0)
             key_pos = torch.cat([self.slot_pos, pos], dim=1)
-        self._slots = slots
-        self._rows = torch.arange(pos.size(0), device=pos.device)[:, None]  # (B, 1), for every layer's update
+        _, B, K, _, D = self.k.shape  # (n_layers, B, K, 1 + slots, D)
+        # Where update() scatters each (B, K, T, D) key along the slot dimension: built once here for
+        # every layer (a scatter_ costs a third of the equivalent advanced-index assignment at T=1).
+        self._index = slots[:, None, :, None].expand(B, K, T, D)
         self.slot_pos.scatter_(1, slots, pos)
         self.slot_pos[:, 0] = -1
         return key_pos if self._concat else self.slot_pos
@@ -151,9 +173,8 @@ class KVCache(nn.Module):
         k_all, v_all = self.k[layer], self.v[layer]
         if self._concat:
             keys, values = torch.cat([k_all, k], dim=2), torch.cat([v_all, v], dim=2)
-        # Advanced indexing puts (B, T) first: (B, T, K, D) on both sides.
-        k_all[self._rows, :, self._slots] = k.transpose(1, 2)
-        v_all[self._rows, :, self._slots] = v.transpose(1, 2)
+        k_all.scatter_(2, self._index, k)
+        v_all.scatter_(2, self._index, v)
         return (keys, values) if self._concat else (k_all, v_all)
 
 
@@ -162,10 +183,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, h * d, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, k * d, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, k * d, bias=False)
-        self.o_proj = nn.Linear(h * d, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, h * d, bias=False)
+        self.k_proj = Linear(cfg.dim, k * d, bias=False)
+        self.v_proj = Linear(cfg.dim, k * d, bias=False)
+        self.o_proj = Linear(h * d, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, pos: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None):
         cfg = self.cfg
@@ -194,9 +215,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -226,7 +247,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(cfg, cfg.max_seq_len, device="meta")
