@@ -12,7 +12,8 @@ Speed: both sides greedy, the same prompts (8 of different lengths; batch 1 uses
 exactly --new-tokens new tokens each (no early stop), timed end to end (prefill + decode),
 back to back in this one process, the two sides taking turns, median of --repeats after one
 warm-up each. Each side twice: eager
-(transformers `generate` with its default dynamic cache; openmill's engine) and compiled
+(transformers `generate` with its default dynamic cache; openmill's engine on the model as `openmill
+chat` and `openmill serve` load it: q/k/v and gate/up fused, see Transformer.fuse_projections) and compiled
 (transformers with its static cache + torch.compile of the decode forward, `CompileConfig(mode=
 "default")` forced on CPU; openmill's `compile=True`); the warm-up call's extra time over the
 median is reported as compile_s, never folded into tokens/s. Quality: WikiText-2
@@ -122,6 +123,7 @@ def main():
     from openmill.export import export_hf
 
     model, tok = load_text_model(args.folder)
+    model.fuse_projections()  # as `openmill chat` and `openmill serve` run it
     prompts = [tok.document_prefix() + tok.encode(p) for p in PROMPTS]
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(args.folder, Path(tmp) / "hf")

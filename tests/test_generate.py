@@ -121,3 +121,23 @@ def test_repetition_penalty_and_top_k_top_p_match_transformers():
     allowed = torch.isfinite(warped[0])
     draws = torch.cat([sample_next(logits, 1.0, 10, 0.8, torch.Generator().manual_seed(s)) for s in range(300)])
     assert set(draws.tolist()) == set(allowed.nonzero().flatten().tolist())
+
+
+def test_fused_projections_decode_the_same_tokens_without_adding_memory():
+    """fuse_projections (inference): one q/k/v and one gate/up matrix per layer, the parameters
+    views of them. Greedy tokens equal the unfused model's recomputed greedy, the state_dict keeps
+    its names and values, and quantizing a fused model is refused."""
+    from openmill.generate.quantize import quantize_model
+
+    model = randomised(tiny(), seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ps = prompts(3, seed=2)
+    expected = [greedy_recompute(model, torch.tensor([p]), 16)[0, len(p) :].tolist() for p in ps]
+    model.fuse_projections()
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    attn = model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    assert [r.tokens for r in generate_batch(model, ps, GREEDY)] == expected
+    with pytest.raises(ValueError, match="fused"):
+        quantize_model(model, "int8")

@@ -271,6 +271,8 @@ def chat_cmd(
             _fail(f"{folder}: this model has no chat template")
         if quantize:
             quantize_model(loaded, quantize)
+        else:
+            loaded.fuse_projections()
     except (ValueError, ExportError) as e:
         _fail(str(e))
     run_chat(Engine(loaded, max_batch=1, max_len=max_context, decode=tok.decode), tok, params, system)

@@ -38,18 +38,34 @@ ONEDNN_MAX_ROWS = 16
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for fp32 CPU inference on a few rows, which runs oneDNN's matmul instead of
+    MKL's: decoding multiplies one vector per sequence by every weight, and there MKL reads the large
+    matrices (the output head, gate/up) at about half the memory bandwidth that oneDNN reaches on
+    this 2-core AMD CPU (benchmarks/inference.md). Same products to ~1e-6 (a different summation
+    order). Training, autograd and longer inputs keep F.linear."""
+    rows = x.numel() // x.size(-1)
+    if not _ONEDNN or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose fp32 CPU inference on a few rows runs oneDNN's
-    matmul instead of MKL's: decoding multiplies one vector per sequence by every weight, and there
-    MKL reads the large matrices (the output head, gate/up) at about half the memory bandwidth that
-    oneDNN reaches on this 2-core AMD CPU (benchmarks/inference.md). Same products to ~1e-6 (a
-    different summation order). Training, autograd and longer inputs keep F.linear."""
+    """nn.Linear (same parameters and names) computed by `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.size(-1)
-        if not _ONEDNN or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return linear(x, self.weight, self.bias)
+
+
+def fuse_rows(*linears: nn.Linear) -> torch.Tensor:
+    """One matrix stacking the linears' weights (out features concatenated); each weight becomes a
+    view of its block, so no memory is added and the parameters keep their names and objects."""
+    fused = torch.cat([lin.weight for lin in linears])
+    start = 0
+    for lin in linears:
+        lin.weight.data = fused[start : start + lin.out_features]
+        start += lin.out_features
+    return fused
 
 
 def rope_tables(cfg: ModelConfig, n_positions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,13 +203,19 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.dim, k * d, bias=False)
         self.v_proj = Linear(cfg.dim, k * d, bias=False)
         self.o_proj = Linear(h * d, cfg.dim, bias=False)
+        self.register_buffer("qkv_weight", None, persistent=False)  # see Transformer.fuse_projections
 
     def forward(self, x, cos, sin, pos: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None):
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        if self.qkv_weight is not None:
+            q, k, v = linear(x, self.qkv_weight).split([H * D, K * D, K * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, K, D).transpose(1, 2)
+        v = v.view(B, T, K, D).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -218,9 +240,14 @@ class FeedForward(nn.Module):
         self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # see Transformer.fuse_projections
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -266,6 +293,20 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         self.reset_rope()
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """For inference only: q/k/v and gate/up each become one matrix, so decoding runs 4 matrix-
+        vector products per layer instead of 7 (fewer, larger reads of the weights). The projection
+        parameters become views of the fused matrices (no memory added; state_dict, names and export
+        unchanged) and stop requiring gradients: a fused model is not trained, quantized or given new
+        weights afterwards (its fused matrices would not follow)."""
+        self.requires_grad_(False)
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            if attn.qkv_weight is None:
+                attn.qkv_weight = fuse_rows(attn.q_proj, attn.k_proj, attn.v_proj)
+                mlp.gate_up_weight = fuse_rows(mlp.gate_proj, mlp.up_proj)
 
     @torch.no_grad()
     def reset_rope(self):

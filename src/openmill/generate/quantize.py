@@ -83,6 +83,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Modu
     packed kernels used here are PyTorch's CPU ones."""
     if mode not in MODES:
         raise ValueError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
+    if any(name.endswith(("qkv_weight", "gate_up_weight")) for name, _ in model.named_buffers()):
+        raise ValueError("quantize: the model's projections are fused (fuse_projections); quantize before fusing")
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):

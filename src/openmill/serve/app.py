@@ -228,5 +228,7 @@ def serve(folder, host: str, port: int, name: str | None, limits: ServeLimits, a
     model, tokenizer = load_text_model(folder)
     if quantize:
         quantize_model(model, quantize)
+    else:
+        model.fuse_projections()
     app = create_app(model, tokenizer, name or folder.name, limits, api_key)
     uvicorn.run(app, host=host, port=port, log_level="info")
