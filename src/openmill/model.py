@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
 
 
 # Inputs of at most this many rows (decoding: one token per sequence) go through oneDNN when no
-# gradient is needed; see Linear. Longer ones (prefill, training) were not measured to gain.
+# gradient is needed; see `linear`. Longer ones (prefill, training) were not measured to gain.
 ONEDNN_MAX_ROWS = 16
 _ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -301,6 +301,9 @@ class Transformer(nn.Module):
         parameters become views of the fused matrices (no memory added; state_dict, names and export
         unchanged) and stop requiring gradients: a fused model is not trained, quantized or given new
         weights afterwards (its fused matrices would not follow)."""
+        projections = [m for b in self.layers for m in (*b.self_attn.children(), *b.mlp.children())]
+        if any(type(m) is not Linear for m in projections):
+            raise ValueError("fuse_projections: the projections are not plain Linear layers (quantized or LoRA); fuse a plain model")
         self.requires_grad_(False)
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
