@@ -43,9 +43,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     MKL's: decoding multiplies one vector per sequence by every weight, and there MKL reads the large
     matrices (the output head, gate/up) at about half the memory bandwidth that oneDNN reaches on
     this 2-core AMD CPU (benchmarks/inference.md). Same products to ~1e-6 (a different summation
-    order). Training, autograd and longer inputs keep F.linear."""
+    order). Training, autograd, longer inputs and torch.compile (whose inductor lowers this op only
+    for frozen weights) keep F.linear."""
     rows = x.numel() // x.size(-1)
-    if not _ONEDNN or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
+    plain = not _ONEDNN or torch.compiler.is_compiling() or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS
+    if plain or x.device.type != "cpu" or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
