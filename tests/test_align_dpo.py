@@ -122,3 +122,19 @@ def test_bad_pair_records_fail_naming_file_and_record_or_are_counted(tmp_path):
     broken.write_text(json.dumps(records[0]) + "\n{not json\n")
     with pytest.raises(AlignDataError, match=r"broken.jsonl:2: not valid JSON"):  # file:line, as every reader
         load_pairs([broken], bad_records="skip")
+
+
+def test_no_heldout_set_is_refused_naming_the_fields(tmp_path, tokenizer_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="valid_fraction is 0 and no valid files are given"):
+        DpoConfig(train=[tmp_path / "t.jsonl"], valid_fraction=0)
+    # A held-out file whose every pair is longer than seq_len leaves nothing to evaluate: an error
+    # naming the stage's fields, before any training, instead of held-out metrics over no pairs.
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    data = write_pairs(tmp_path / "train.jsonl", PAIRS)
+    valid = write_pairs(tmp_path / "valid.jsonl", [("Tell me a long story. " * 20, "Once upon a time " * 20, "No.")])
+    cfg = DpoConfig(train=[data], valid=[valid], seq_len=64, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match=r"dpo: no held-out pairs left: every one is longer than dpo.seq_len 64"):
+        run_dpo(cfg, folder, tmp_path / "out", seed=0, log=lambda *a: None)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -71,6 +71,15 @@ class AlignStage(Strict):
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         return self
 
+    @model_validator(mode="after")
+    def _heldout(self):
+        # The stage's before/after numbers are held-out ones: without a held-out set it could not say
+        # whether training helped, so that is refused here rather than reported as a 0 loss.
+        if not self.valid and self.valid_fraction == 0:
+            raise ValueError("valid_fraction is 0 and no valid files are given: no held-out set to evaluate on "
+                             "(give valid files or a valid_fraction > 0)")
+        return self
+
     def engine_config(self):
         from openmill.config import PretrainConfig
 

@@ -159,6 +159,7 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     valid_pairs, valid_drop = tokenize_pairs(valid_items, tok, cfg, "dpo.valid")
     if not train_pairs:
         raise ValueError(f"dpo: every training pair is longer than seq_len {cfg.seq_len}")
+    common.require_heldout(len(valid_pairs), "dpo", "pairs", cfg.seq_len)
     pad_id = tok.pad_id
     data = {
         "train_pairs": len(train_pairs),

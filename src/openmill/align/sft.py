@@ -117,6 +117,7 @@ def run_sft(cfg: SftConfig, init_from: Path, out_dir: Path, seed: int, log=print
     valid_ex, valid_drop = tokenize(valid_items, tok, cfg, "sft.valid")
     if not train_ex:
         raise ValueError(f"sft: every training conversation is longer than seq_len {cfg.seq_len}")
+    common.require_heldout(len(valid_ex), "sft", "conversations", cfg.seq_len)
     train_rows = pack(train_ex, cfg.seq_len) if cfg.packing else [[ex] for ex in train_ex]
     valid_rows = pack(valid_ex, cfg.seq_len) if cfg.packing else [[ex] for ex in valid_ex]
     pad_id = tok.pad_id

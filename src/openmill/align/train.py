@@ -51,6 +51,14 @@ def split(items: list, cfg: AlignStage, valid_items: list | None, seed: int) -> 
     return order, valid_items
 
 
+def require_heldout(n_valid: int, stage: str, what: str, seq_len: int) -> None:
+    """A held-out set that tokenization emptied (every example longer than seq_len) is an error, not a
+    silent evaluation over nothing."""
+    if n_valid == 0:
+        raise ValueError(f"{stage}: no held-out {what} left: every one is longer than {stage}.seq_len {seq_len} "
+                         f"(raise {stage}.seq_len, {stage}.valid_fraction or give {stage}.valid files)")
+
+
 def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     if system_prompt is None or messages[0]["role"] == "system":
         return messages
