@@ -9,6 +9,7 @@ Shapes: B batch, T tokens, H query heads, K key/value heads, D head_dim, C model
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,7 +36,21 @@ class RMSNorm(nn.Module):
 # Inputs of at most this many rows (decoding: one token per sequence) go through oneDNN when no
 # gradient is needed; see `linear`. Longer ones (prefill, training) were not measured to gain.
 ONEDNN_MAX_ROWS = 16
-_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+@functools.cache
+def _onednn_linear_works() -> bool:
+    """The oneDNN op is private to PyTorch (inductor's): use it only where this build has it and it
+    gives F.linear's numbers, checked once per process; anywhere else `linear` is plain F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return torch.allclose(got, F.linear(x, w), atol=1e-5, rtol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,8 +61,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     order). Training, autograd, longer inputs and torch.compile (whose inductor lowers this op only
     for frozen weights) keep F.linear."""
     rows = x.numel() // x.size(-1)
-    plain = not _ONEDNN or torch.compiler.is_compiling() or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS
-    if plain or x.device.type != "cpu" or x.dtype != torch.float32:
+    plain = torch.compiler.is_compiling() or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS
+    if plain or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear_works():
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
