@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from openmill.config import ModelConfig
-from openmill.fused_loss import linear_cross_entropy
+from openmill.fused_loss import linear_cross_entropy, linear_target_logps
 from openmill.model import build_model
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=500, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True, max_seq_len=32)
+    return build_model(cfg.resolved())
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
@@ -25,9 +31,7 @@ def test_matches_plain_cross_entropy_with_ignored_targets(chunk):
 
 
 def test_model_loss_equals_logits_loss_and_tied_grads_flow():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=500, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True, max_seq_len=32)
-    model = build_model(cfg.resolved())
+    model = tiny_model()
     x = torch.randint(0, 500, (3, 17))
     fused = model(x[:, :-1], targets=x[:, 1:])
     fused.backward()
@@ -48,8 +52,6 @@ def test_no_gradient_work_under_no_grad():
 
 @pytest.mark.parametrize("chunk", [7, 1000])
 def test_target_logps_match_full_log_softmax_with_ignored_targets(chunk):
-    from openmill.fused_loss import linear_target_logps
-
     torch.manual_seed(0)
     h = torch.randn(3, 20, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
@@ -65,9 +67,7 @@ def test_target_logps_match_full_log_softmax_with_ignored_targets(chunk):
 
 
 def test_model_target_logps_equal_logits_log_softmax_fp32():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=500, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True, max_seq_len=32)
-    model = build_model(cfg.resolved())
+    model = tiny_model()
     x = torch.randint(0, 500, (3, 17))
     t = x[:, 1:].clone()
     t[:, :6] = -100  # the prompt: no log-probs, no gradient

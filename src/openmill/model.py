@@ -60,9 +60,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     this 2-core AMD CPU (benchmarks/inference.md). Same products to ~1e-6 (a different summation
     order). Training, autograd, longer inputs and torch.compile (whose inductor lowers this op only
     for frozen weights) keep F.linear."""
-    rows = x.numel() // x.size(-1)
-    plain = torch.compiler.is_compiling() or torch.is_grad_enabled() or rows > ONEDNN_MAX_ROWS
-    if plain or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear_works():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: one check, then F.linear
+        return F.linear(x, weight, bias)
+    few_rows = x.numel() // x.size(-1) <= ONEDNN_MAX_ROWS
+    if not few_rows or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear_works():
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
