@@ -141,3 +141,38 @@ def test_fused_projections_decode_the_same_tokens_without_adding_memory():
     assert [r.tokens for r in generate_batch(model, ps, GREEDY)] == expected
     with pytest.raises(ValueError, match="fused"):
         quantize_model(model, "int8")
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_packed_weights_give_the_same_logits_and_tokens_and_refuse_what_they_cannot_do(tie):
+    """pack_weights (CPU inference): every projection and the output head in oneDNN's layout.
+    Logits of a prefill and of cached decode steps (1 to 4 rows) match the plain model's to 1e-5,
+    batched greedy of different lengths equals the plain recomputed greedy token for token, the
+    plain copies are released (nothing left on the CPU but the embedding, norms and packed
+    matrices), and what a packed model cannot do fails with a message: state_dict, a compiled engine."""
+    from openmill.model import _onednn_linear_works
+
+    if not _onednn_linear_works():
+        pytest.skip("this PyTorch build has no usable oneDNN linear")
+    model = randomised(tiny(tie_embeddings=tie), seed=6)
+    seq = torch.randint(0, 97, (4, 20), generator=torch.Generator().manual_seed(9))
+    ps = prompts(4, seed=3)
+    with torch.no_grad():
+        plain = model(seq)
+        expected = [greedy_recompute(model, torch.tensor([p]), 16)[0, len(p) :].tolist() for p in ps]
+        assert model.pack_weights() and model.is_packed and model.pack_weights()  # a second call is a no-op
+        assert (model(seq) - plain).abs().max() <= 1e-5
+        for rows in (1, 2, 4):  # decode steps of different row counts
+            cache = KVCache(model.cfg, rows, 20)
+            model(seq[:rows, :12], pos=torch.arange(12), cache=cache)
+            step = model(seq[:rows, 12:13], pos=torch.tensor([12]), cache=cache)
+            assert (step[:, 0] - plain[:rows, 12]).abs().max() <= 1e-5
+    assert [r.tokens for r in generate_batch(model, ps, GREEDY, max_batch=3)] == expected
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn.qkv_weight.is_mkldnn and mlp.gate_up_weight.is_mkldnn and mlp.down_proj.weight.is_mkldnn
+    assert attn.q_proj.weight.is_meta and mlp.up_proj.weight.is_meta  # released, shapes kept
+    assert model.embed_tokens.weight.device.type == "cpu" and not model.embed_tokens.weight.is_mkldnn
+    with pytest.raises(ValueError, match="packed"):
+        model.state_dict()
+    with pytest.raises(ValueError, match="packed"):
+        Engine(model, compile=True)

@@ -272,7 +272,7 @@ def chat_cmd(
         if quantize:
             quantize_model(loaded, quantize)
         else:
-            loaded.fuse_projections()
+            loaded.pack_weights()
     except (ValueError, ExportError) as e:
         _fail(str(e))
     run_chat(Engine(loaded, max_batch=1, max_len=max_context, decode=tok.decode), tok, params, system)

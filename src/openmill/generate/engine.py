@@ -79,6 +79,9 @@ class Engine:
         """max_len: positions per row (prompt + generation), at most the model's max_seq_len.
         compile: decode steps through torch.compile (see the module docstring); the first step
         pays the compilation."""
+        if compile and model.is_packed:
+            raise ValueError("compile: a model with packed weights (Transformer.pack_weights) runs eagerly; "
+                             "for a compiled engine prepare the model with fuse_projections() only")
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)

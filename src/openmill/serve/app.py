@@ -229,6 +229,6 @@ def serve(folder, host: str, port: int, name: str | None, limits: ServeLimits, a
     if quantize:
         quantize_model(model, quantize)
     else:
-        model.fuse_projections()
+        model.pack_weights()
     app = create_app(model, tokenizer, name or folder.name, limits, api_key)
     uvicorn.run(app, host=host, port=port, log_level="info")
