@@ -150,6 +150,7 @@ def test_packed_weights_give_the_same_logits_and_tokens_and_refuse_what_they_can
     batched greedy of different lengths equals the plain recomputed greedy token for token, the
     plain copies are released (nothing left on the CPU but the embedding, norms and packed
     matrices), and what a packed model cannot do fails with a message: state_dict, a compiled engine."""
+    from openmill.generate.quantize import quantize_model
     from openmill.model import _onednn_linear_works
 
     if not _onednn_linear_works():
@@ -176,3 +177,5 @@ def test_packed_weights_give_the_same_logits_and_tokens_and_refuse_what_they_can
         model.state_dict()
     with pytest.raises(ValueError, match="packed"):
         Engine(model, compile=True)
+    quantized = quantize_model(randomised(tiny(tie_embeddings=tie, vocab_size=128), seed=6), "int4", group_size=32)
+    assert not quantized.is_packed  # an int4 head has no `weight`: still answers

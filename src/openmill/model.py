@@ -59,14 +59,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     matrices (the output head, gate/up) at about half the memory bandwidth that oneDNN reaches on
     this 2-core AMD CPU (benchmarks/inference.md). Same products to ~1e-6 (a different summation
     order). Training, autograd, longer inputs and torch.compile (whose inductor lowers this op only
-    for frozen weights) keep F.linear."""
-    if weight.is_mkldnn:  # packed by Transformer.pack_weights: oneDNN at any number of rows
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: one check, then F.linear
-        return F.linear(x, weight, bias)
-    few_rows = x.numel() // x.size(-1) <= ONEDNN_MAX_ROWS
-    if not few_rows or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear_works():
-        return F.linear(x, weight, bias)
+    for frozen weights) keep F.linear. A weight packed by `Transformer.pack_weights` (oneDNN's own
+    layout) always goes to oneDNN, at any number of rows."""
+    if not weight.is_mkldnn:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: one check, then F.linear
+            return F.linear(x, weight, bias)
+        few_rows = x.numel() // x.size(-1) <= ONEDNN_MAX_ROWS
+        if not few_rows or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear_works():
+            return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -333,15 +333,18 @@ class Transformer(nn.Module):
 
     @property
     def is_packed(self) -> bool:
-        """Whether `pack_weights` stored the weights in oneDNN's layout (forward only, eager only)."""
-        return getattr(self.lm_head.weight, "is_mkldnn", False)
+        """Whether `pack_weights` stored the weights in oneDNN's layout (forward only, eager only).
+        Read from the fused q/k/v buffer, which every model has (a quantized head has no `weight`)."""
+        qkv = self.layers[0].self_attn.qkv_weight
+        return qkv is not None and qkv.is_mkldnn
 
     @torch.no_grad()
     def pack_weights(self) -> bool:
         """For CPU inference in fp32: fuse the projections (`fuse_projections`), then store them and
         the output head in oneDNN's blocked weight layout, which its matmul reads at close to memory
-        bandwidth for 1 to a few hundred rows, where plain row-major weights are read at about half
-        of it (benchmarks/inference.md: a decode step's products 1.3x faster at 8 rows, 1.5x at 64).
+        bandwidth for 1 to a few hundred rows; with plain row-major weights it slows from 2 rows on
+        (benchmarks/inference.md: a decode step's products 1.5x faster at 2 rows, 1.4x at 8, and at
+        64 rows 1.6x faster than the MKL GEMM those used).
         Returns False, having only fused, where that layout is not available (GPU, bf16, a PyTorch
         build without this oneDNN op).
 
