@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("inference.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from openmill.export import export_hf
@@ -129,11 +130,12 @@ def main():
     prompts = [tok.document_prefix() + tok.encode(p) for p in PROMPTS]
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(args.folder, Path(tmp) / "hf")
-        hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", torch_dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
     rows = []
 
     def record(**row):
-        row.update(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__)
+        row.update(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__,
+                   transformers=transformers.__version__)
         rows.append(row)
         print(json.dumps(row), flush=True)
 

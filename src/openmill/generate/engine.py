@@ -13,9 +13,12 @@ active position (full cache) or the window (rolling buffer).
 `compile=True` runs the decode step through `torch.compile` (gpt-fast style): one static-shape
 step over all `max_batch` rows and the whole cache (idle rows at position -1, unused slots masked),
 traced once on the first step, so eager PyTorch's per-op dispatch (a few thousand small ops per
-step for a 30-layer model) becomes a few fused kernels around the same matmuls. It pays where
-`max_len` is short (batch jobs); with a long context the full-cache attention costs more than it
-saves. The prefill stays eager (its length varies).
+step for a 30-layer model) becomes a few fused kernels around the same matmuls. It is for GPUs, and
+there only where `max_len` is short (batch jobs): with a long context the full-cache attention
+costs more than it saves. On a CPU the eager step on packed weights (`Transformer.pack_weights`,
+which a compiled step cannot take) is faster at every measured batch size: SmolLM2-135M, 2 cores,
+28 vs 19 tok/s at batch 1 and 175 vs 69 at batch 8 (benchmarks/inference.md). The prefill stays
+eager (its length varies).
 """
 
 from __future__ import annotations
