@@ -16,7 +16,7 @@ warm-up each. Each side twice: eager
 chat` and `openmill serve` load it: q/k/v and gate/up fused and every projection packed in oneDNN's
 layout, see Transformer.pack_weights) and compiled
 (transformers with its static cache + torch.compile of the decode forward, `CompileConfig(mode=
-"default")` forced on CPU; openmill's `compile=True` on a fused, unpacked copy); the warm-up call's extra time over the
+"default")` forced on CPU; openmill's `compile=True` on the same packed model); the warm-up call's extra time over the
 median is reported as compile_s, never folded into tokens/s. Quality: WikiText-2
 test perplexity over the first --ppl-windows non-overlapping windows of 512 tokens (the model's
 BOS first), every variant on the same tokens.
@@ -126,7 +126,6 @@ def main():
 
     model, tok = load_text_model(args.folder)
     model.pack_weights()  # as `openmill chat` and `openmill serve` run it
-    compiled_model = None  # packed weights run eagerly: the compiled variant gets a fused-only copy
     prompts = [tok.document_prefix() + tok.encode(p) for p in PROMPTS]
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(args.folder, Path(tmp) / "hf")
@@ -153,11 +152,7 @@ def main():
         ps = prompts[:batch]
         tokens = batch * args.new_tokens
         for compile in modes:
-            if compile and compiled_model is None:
-                compiled_model = load_text_model(args.folder)[0]
-                compiled_model.fuse_projections()
-            om_model = compiled_model if compile else model
-            hf_fn, om_fn = hf_run(hf, ps, args.new_tokens, tok.pad_id, compile), openmill_run(om_model, ps, args.new_tokens, compile)
+            hf_fn, om_fn = hf_run(hf, ps, args.new_tokens, tok.pad_id, compile), openmill_run(model, ps, args.new_tokens, compile)
             (t_hf, c_hf), (t_om, c_om) = timed([hf_fn, om_fn], args.repeats)
             eager_om = openmill_run(model, ps, args.new_tokens)() if compile else None
             record(bench="decode", batch=batch, new_tokens=args.new_tokens, compiled=compile, openmill_tok_s=tokens / t_om,

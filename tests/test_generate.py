@@ -144,14 +144,16 @@ def test_fused_projections_decode_the_same_tokens_without_adding_memory():
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_packed_weights_give_the_same_logits_and_tokens_and_refuse_what_they_cannot_do(tie):
+def test_packed_weights_give_the_same_logits_and_tokens_eager_and_compiled(tie):
     """pack_weights (CPU inference): every projection and the output head in oneDNN's layout.
     Logits of a prefill and of cached decode steps (1 to 4 rows) match the plain model's to 1e-5,
-    batched greedy of different lengths equals the plain recomputed greedy token for token, the
+    batched greedy of different lengths equals the plain recomputed greedy token for token, eagerly
+    and through a compiled engine (the packed products stay opaque ops in the traced step), the
     plain copies are released (nothing left on the CPU but the embedding, norms and packed
-    matrices), and what a packed model cannot do fails with a message: state_dict, a compiled engine."""
+    matrices), and what a packed model cannot give (state_dict, a loss) fails with a message."""
     from openmill.generate.quantize import quantize_model
     from openmill.model import _onednn_linear_works
+    from openmill.packed import PackedWeight
 
     if not _onednn_linear_works():
         pytest.skip("this PyTorch build has no usable oneDNN linear")
@@ -169,13 +171,34 @@ def test_packed_weights_give_the_same_logits_and_tokens_and_refuse_what_they_can
             step = model(seq[:rows, 12:13], pos=torch.tensor([12]), cache=cache)
             assert (step[:, 0] - plain[:rows, 12]).abs().max() <= 1e-5
     assert [r.tokens for r in generate_batch(model, ps, GREEDY, max_batch=3)] == expected
+    assert [r.tokens for r in generate_batch(model, ps, GREEDY, max_batch=3, compile=True)] == expected
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    assert attn.qkv_weight.is_mkldnn and mlp.gate_up_weight.is_mkldnn and mlp.down_proj.weight.is_mkldnn
+    packed = (attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight, model.lm_head.weight)
+    assert all(isinstance(w, PackedWeight) and w.tensor.is_mkldnn for w in packed)
     assert attn.q_proj.weight.is_meta and mlp.up_proj.weight.is_meta  # released, shapes kept
     assert model.embed_tokens.weight.device.type == "cpu" and not model.embed_tokens.weight.is_mkldnn
     with pytest.raises(ValueError, match="packed"):
         model.state_dict()
     with pytest.raises(ValueError, match="packed"):
-        Engine(model, compile=True)
+        model(seq, targets=seq)
     quantized = quantize_model(randomised(tiny(tie_embeddings=tie, vocab_size=128), seed=6), "int4", group_size=32)
     assert not quantized.is_packed  # an int4 head has no `weight`: still answers
+
+
+def test_packed_weights_are_freed_with_their_model():
+    """The packed tensors live in their handles; the slot table that compiled steps read holds
+    them weakly, so dropping a packed model frees its weights and its slots."""
+    import gc
+
+    from openmill.model import _onednn_linear_works
+    from openmill.packed import _SLOTS
+
+    if not _onednn_linear_works():
+        pytest.skip("this PyTorch build has no usable oneDNN linear")
+    model = randomised(tiny(), seed=1)
+    model.pack_weights()
+    slots = {block.mlp.gate_up_weight.slot for block in model.layers} | {model.lm_head.weight.slot}
+    assert len(slots) == len(model.layers) + 1 and slots <= set(_SLOTS)
+    del model
+    gc.collect()
+    assert not slots & set(_SLOTS)

@@ -18,6 +18,7 @@ from torch import nn
 
 from openmill.config import ModelConfig
 from openmill.fused_loss import linear_cross_entropy, linear_target_logps
+from openmill.packed import PackedWeight
 
 
 class RMSNorm(nn.Module):
@@ -52,20 +53,22 @@ def _onednn_linear_works() -> bool:
         return False
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for fp32 CPU inference on a few rows, which runs oneDNN's matmul instead of
     MKL's: decoding multiplies one vector per sequence by every weight, and there MKL reads the large
     matrices (the output head, gate/up) at about half the memory bandwidth that oneDNN reaches on
     this 2-core AMD CPU (benchmarks/inference.md). Same products to ~1e-6 (a different summation
     order). Training, autograd, longer inputs and torch.compile (whose inductor lowers this op only
-    for frozen weights) keep F.linear. A weight packed by `Transformer.pack_weights` (oneDNN's own
-    layout) always goes to oneDNN, at any number of rows."""
-    if not weight.is_mkldnn:
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: one check, then F.linear
-            return F.linear(x, weight, bias)
-        few_rows = x.numel() // x.size(-1) <= ONEDNN_MAX_ROWS
-        if not few_rows or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear_works():
-            return F.linear(x, weight, bias)
+    for frozen weights) keep F.linear. A weight packed by `Transformer.pack_weights` (a
+    `PackedWeight`, oneDNN's own layout, no bias) always goes to oneDNN, at any number of rows,
+    compiled or not."""
+    if isinstance(weight, PackedWeight):
+        return weight(x)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: one check, then F.linear
+        return F.linear(x, weight, bias)
+    few_rows = x.numel() // x.size(-1) <= ONEDNN_MAX_ROWS
+    if not few_rows or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear_works():
+        return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -335,10 +338,9 @@ class Transformer(nn.Module):
 
     @property
     def is_packed(self) -> bool:
-        """Whether `pack_weights` stored the weights in oneDNN's layout (forward only, eager only).
-        Read from the fused q/k/v buffer, which every model has (a quantized head has no `weight`)."""
-        qkv = self.layers[0].self_attn.qkv_weight
-        return qkv is not None and qkv.is_mkldnn
+        """Whether `pack_weights` stored the weights in oneDNN's layout (forward only). Read from the
+        fused q/k/v matrix, which every model has (a quantized head has no `weight`)."""
+        return isinstance(self.layers[0].self_attn.qkv_weight, PackedWeight)
 
     @torch.no_grad()
     def pack_weights(self) -> bool:
@@ -352,18 +354,20 @@ class Transformer(nn.Module):
 
         The plain copies are released (the packed ones hold the same numbers), so memory stays as it
         was, plus one copy of the output head when it is tied to the embedding (the lookup needs the
-        plain one). Such a model only runs forward, eagerly: `state_dict()` raises, as does
-        torch.compile of its step (use `fuse_projections` alone for a compiled engine)."""
+        plain one). Each packed matrix replaces its parameter or buffer by a `PackedWeight` handle
+        (packed.py), which torch.compile can trace through. Such a model only runs forward:
+        `state_dict()` raises."""
         self.fuse_projections()
         if self.is_packed:
             return True
         weight = self.embed_tokens.weight
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not _onednn_linear_works():
             return False
-        pack = torch.ops.mkldnn._reorder_linear_weight
 
-        def packed(lin: nn.Linear) -> nn.Parameter:
-            return nn.Parameter(pack(lin.weight.detach()), requires_grad=False)
+        def pack(module: nn.Module, name: str) -> None:  # the parameter or buffer becomes a plain attribute
+            handle = PackedWeight(getattr(module, name))
+            delattr(module, name)
+            setattr(module, name, handle)
 
         def release(*linears: nn.Linear) -> None:  # their numbers now live in the packed fused matrix
             for lin in linears:
@@ -371,10 +375,10 @@ class Transformer(nn.Module):
 
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
-            attn.qkv_weight, mlp.gate_up_weight = pack(attn.qkv_weight), pack(mlp.gate_up_weight)
+            for module, name in ((attn, "qkv_weight"), (mlp, "gate_up_weight"), (attn.o_proj, "weight"), (mlp.down_proj, "weight")):
+                pack(module, name)
             release(attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
-            attn.o_proj.weight, mlp.down_proj.weight = packed(attn.o_proj), packed(mlp.down_proj)
-        self.lm_head.weight = packed(self.lm_head)  # a tied head: the embedding keeps its own
+        pack(self.lm_head, "weight")  # a tied head: the embedding keeps its own
         self.register_state_dict_pre_hook(_refuse_packed_state_dict)
         return True
 
@@ -443,6 +447,9 @@ class Transformer(nn.Module):
                 cos, sin = self.rope_cos[pos], self.rope_sin[pos]
                 if self.cfg.sliding_window is not None and T > self.cfg.sliding_window:
                     mask = attention_mask(pos, pos, self.cfg.sliding_window)
+        if targets is not None and isinstance(self.lm_head.weight, PackedWeight):
+            raise ValueError("this model's weights are packed for CPU inference (Transformer.pack_weights): it gives logits, "
+                             "not a loss or target log-probs; load the model folder again for those")
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)

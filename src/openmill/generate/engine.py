@@ -13,12 +13,12 @@ active position (full cache) or the window (rolling buffer).
 `compile=True` runs the decode step through `torch.compile` (gpt-fast style): one static-shape
 step over all `max_batch` rows and the whole cache (idle rows at position -1, unused slots masked),
 traced once on the first step, so eager PyTorch's per-op dispatch (a few thousand small ops per
-step for a 30-layer model) becomes a few fused kernels around the same matmuls. It is for GPUs, and
-there only where `max_len` is short (batch jobs): with a long context the full-cache attention
-costs more than it saves. On a CPU the eager step on packed weights (`Transformer.pack_weights`,
-which a compiled step cannot take) is faster at every measured batch size: SmolLM2-135M, 2 cores,
-28 vs 19 tok/s at batch 1 and 175 vs 69 at batch 8 (benchmarks/inference.md). The prefill stays
-eager (its length varies).
+step for a 30-layer model) becomes a few fused kernels around the same matmuls (a packed model's
+oneDNN products included, see openmill/packed.py). It is for GPUs, and there only where `max_len`
+is short (batch jobs): with a long context the full-cache attention costs more than it saves. On a
+CPU it gains little over the eager step on packed weights: SmolLM2-135M, 2 cores, 32.4 vs 30.4
+tok/s at batch 1, and at batch 8 it is slower, 125 vs 184 (benchmarks/inference.md). The prefill
+stays eager (its length varies).
 """
 
 from __future__ import annotations
@@ -82,9 +82,6 @@ class Engine:
         """max_len: positions per row (prompt + generation), at most the model's max_seq_len.
         compile: decode steps through torch.compile (see the module docstring); the first step
         pays the compilation."""
-        if compile and model.is_packed:
-            raise ValueError("compile: a model with packed weights (Transformer.pack_weights) runs eagerly; "
-                             "for a compiled engine prepare the model with fuse_projections() only")
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
