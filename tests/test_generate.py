@@ -47,7 +47,7 @@ def test_rolling_buffer_gives_the_logits_of_the_full_sliding_window_forward():
     model = randomised(tiny(sliding_window=4), seed=7)
     seq = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(8))
     cache = KVCache(model.cfg, 2, 30)
-    assert cache.rolling and cache.k.shape[3] == 1 + 4  # memory: the window, not the sequence
+    assert cache.rolling and cache.k[0].shape[2] == 1 + 4  # memory: the window, not the sequence
     full = model(seq)  # no cache: the (T, T) causal + window mask
     prefill = model(seq[:, :9], pos=torch.arange(9), cache=cache)  # a chunk longer than the window
     steps = [model(seq[:, p : p + 1], pos=torch.tensor([p]), cache=cache) for p in range(9, 30)]

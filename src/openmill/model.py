@@ -142,7 +142,7 @@ def attention_mask_rows(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | 
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for every layer: (n_layers, B, K, 1 + slots, D).
+    """Preallocated keys and values, one (B, K, 1 + slots, D) tensor per layer in `k` and `v`.
 
     A full cache has one slot per position (slot = 1 + position). With sliding-window attention and
     a window shorter than `max_len` it is a rolling buffer of `window` slots (slot = 1 + position
@@ -153,6 +153,11 @@ class KVCache(nn.Module):
     never attended to.
 
     Passed explicitly into `Transformer.forward`; the generation engine owns its lifetime.
+
+    One tensor per layer (plain lists, not buffers: allocate the cache on its device), written by a
+    compiled step with `index_put_`: the form inductor (torch 2.13) keeps in place. A `scatter_`, or
+    a write into a per-layer view of one shared tensor, compiled into a fresh copy of the layer's
+    cache and a copy back every step (benchmarks/inference.md).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
@@ -163,11 +168,11 @@ class KVCache(nn.Module):
         self.rolling = window is not None and window < max_len
         self.n_slots = window if self.rolling else max_len
         self.max_len = max_len
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, 1 + self.n_slots, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, cfg.n_kv_heads, 1 + self.n_slots, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.register_buffer("slot_pos", torch.full((batch_size, 1 + self.n_slots), -1, device=device), persistent=False)
-        self._index, self._concat = None, False
+        self._index, self._rows, self._slots, self._concat = None, None, None, False
 
     def view(self, rows: slice = slice(None), below: int | None = None) -> KVCache:
         """A view sharing this cache's storage: only `rows`, and only the slots of positions
@@ -176,9 +181,9 @@ class KVCache(nn.Module):
         out = KVCache.__new__(KVCache)
         nn.Module.__init__(out)
         out.rolling, out.n_slots, out.max_len = self.rolling, self.n_slots, self.max_len
-        out.k, out.v = self.k[:, rows, :, :width], self.v[:, rows, :, :width]
+        out.k, out.v = [k[rows, :, :width] for k in self.k], [v[rows, :, :width] for v in self.v]
         out.slot_pos = self.slot_pos[rows, :width]
-        out._index, out._concat = None, False
+        out._index, out._rows, out._slots, out._concat = None, None, None, False
         return out
 
     def reset(self, rows: slice | int = slice(None)) -> None:
@@ -198,10 +203,11 @@ class KVCache(nn.Module):
             keep = pos > pos.max(dim=1, keepdim=True).values - self.n_slots
             slots = torch.where(keep, slots, 0)
             key_pos = torch.cat([self.slot_pos, pos], dim=1)
-        _, B, K, _, D = self.k.shape  # (n_layers, B, K, 1 + slots, D)
+        B, K, _, D = self.k[0].shape  # (B, K, 1 + slots, D)
         # Where update() scatters each (B, K, T, D) key along the slot dimension: built once here for
         # every layer (a scatter_ costs a third of the equivalent advanced-index assignment at T=1).
         self._index = slots[:, None, :, None].expand(B, K, T, D)
+        self._rows, self._slots = torch.arange(B, device=pos.device)[:, None].expand(B, T), slots  # the same, for a compiled step
         self.slot_pos.scatter_(1, slots, pos)
         self.slot_pos[:, 0] = -1
         return key_pos if self._concat else self.slot_pos
@@ -211,8 +217,11 @@ class KVCache(nn.Module):
         k_all, v_all = self.k[layer], self.v[layer]
         if self._concat:
             keys, values = torch.cat([k_all, k], dim=2), torch.cat([v_all, v], dim=2)
-        k_all.scatter_(2, self._index, k)
-        v_all.scatter_(2, self._index, v)
+        if torch.compiler.is_compiling():  # an index_put_ into a graph input stays in place; a scatter_ is copied
+            k_all[self._rows, :, self._slots], v_all[self._rows, :, self._slots] = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            k_all.scatter_(2, self._index, k)
+            v_all.scatter_(2, self._index, v)
         return (keys, values) if self._concat else (k_all, v_all)
 
 

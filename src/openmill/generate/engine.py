@@ -14,11 +14,10 @@ active position (full cache) or the window (rolling buffer).
 step over all `max_batch` rows and the whole cache (idle rows at position -1, unused slots masked),
 traced once on the first step, so eager PyTorch's per-op dispatch (a few thousand small ops per
 step for a 30-layer model) becomes a few fused kernels around the same matmuls (a packed model's
-oneDNN products included, see openmill/packed.py). It is for GPUs, and there only where `max_len`
-is short (batch jobs): with a long context the full-cache attention costs more than it saves. On a
-CPU it gains little over the eager step on packed weights: SmolLM2-135M, 2 cores, 32.4 vs 30.4
-tok/s at batch 1, and at batch 8 it is slower, 125 vs 184 (benchmarks/inference.md). The prefill
-stays eager (its length varies).
+oneDNN products included, see openmill/packed.py). It pays where `max_len` is short (batch jobs):
+with a long context the full-cache attention costs more than it saves. SmolLM2-135M on 2 CPU
+cores, packed weights, 32 new tokens: 36.6 vs 28.9 tok/s eager at batch 1, 227 vs 198 at batch 8,
+after 18 s of compilation (benchmarks/inference.md). The prefill stays eager (its length varies).
 """
 
 from __future__ import annotations
