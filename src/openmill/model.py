@@ -204,10 +204,13 @@ class KVCache(nn.Module):
             slots = torch.where(keep, slots, 0)
             key_pos = torch.cat([self.slot_pos, pos], dim=1)
         B, K, _, D = self.k[0].shape  # (B, K, 1 + slots, D)
-        # Where update() scatters each (B, K, T, D) key along the slot dimension: built once here for
-        # every layer (a scatter_ costs a third of the equivalent advanced-index assignment at T=1).
-        self._index = slots[:, None, :, None].expand(B, K, T, D)
-        self._rows, self._slots = torch.arange(B, device=pos.device)[:, None].expand(B, T), slots  # the same, for a compiled step
+        # Where update() writes each (B, K, T, D) key, built once here for every layer: eagerly a
+        # scatter_ index along the slot dimension (a third of the cost of the equivalent advanced-
+        # index assignment at T=1); compiled, the (row, slot) pairs of an index_put_ (see the class).
+        if torch.compiler.is_compiling():
+            self._rows, self._slots = torch.arange(B, device=pos.device)[:, None].expand(B, T), slots
+        else:
+            self._index = slots[:, None, :, None].expand(B, K, T, D)
         self.slot_pos.scatter_(1, slots, pos)
         self.slot_pos[:, 0] = -1
         return key_pos if self._concat else self.slot_pos
@@ -456,7 +459,7 @@ class Transformer(nn.Module):
                 cos, sin = self.rope_cos[pos], self.rope_sin[pos]
                 if self.cfg.sliding_window is not None and T > self.cfg.sliding_window:
                     mask = attention_mask(pos, pos, self.cfg.sliding_window)
-        if targets is not None and isinstance(self.lm_head.weight, PackedWeight):
+        if targets is not None and self.is_packed:
             raise ValueError("this model's weights are packed for CPU inference (Transformer.pack_weights): it gives logits, "
                              "not a loss or target log-probs; load the model folder again for those")
         x = self.embed_tokens(idx)
