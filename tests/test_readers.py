@@ -108,10 +108,63 @@ def test_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"id": ["x", "y"], "text": ["one", None]}), path)
-    recs = list(iter_records(path))
-    assert recs[0].id == "x" and recs[0].text == "one"
+    table = {"id": ["x", "y", "z"], "text": ["one", None, "汉字" * 10], "source": ["wiki", "wiki", "wiki"]}
+    pq.write_table(pa.table(table), path)
+    recs = list(iter_records(path, max_bytes=40))
+    assert recs[0].id == "x" and recs[0].text == "one" and recs[0].origin == "wiki"  # as a jsonl "source" field
     assert recs[1].reason == "missing_text_field" and recs[1].line == 2
+    # 20 characters but 60 UTF-8 bytes: the limit counts bytes, as for jsonl lines
+    assert recs[2].reason == "too_large" and recs[2].nbytes == 60
+
+
+def test_lone_surrogate_is_bad_utf8_but_a_pair_is_text(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "half \\ud800 a pair"}\n{"text": "emoji \\ud83d\\ude00"}\n')
+    half, emoji = iter_records(path)
+    assert half.reason == "bad_utf8" and half.message.startswith(f"{path}:1: field 'text' holds a lone UTF-16")
+    assert emoji.text == "emoji \U0001f600"
+    with pytest.raises(DataError, match=rf"^{path}:1: "):
+        list(read_documents(path))
+
+
+def _two_frame_zst(raw: bytes) -> bytes:
+    half = len(raw) // 2
+    return zstandard.ZstdCompressor().compress(raw[:half]) + zstandard.ZstdCompressor().compress(raw[half:])
+
+
+@pytest.mark.parametrize(
+    "suffix,compress",
+    [(".jsonl.gz", gzip.compress), (".jsonl.xz", lzma.compress), (".jsonl.zst", _two_frame_zst)],
+)
+def test_truncated_compressed_file_is_corrupt_not_shorter(tmp_path, suffix, compress):
+    raw = _jsonl_bytes({"text": f"document number {i} " * 20} for i in range(3000))
+    whole = compress(raw)
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(whole[: len(whole) * 3 // 4])  # the last frame (zst: the second) cut short
+    recs = list(iter_records(path))
+    assert recs[-1].reason == "corrupt_file" and recs[-1].message.startswith(f"{path}: cannot be read to the end")
+    assert all(isinstance(r, Document) for r in recs[:-2])  # the line being read when it broke may be partial
+    with pytest.raises(DataError, match=rf"^{path}: cannot be read"):
+        list(read_documents(path))
+    path.write_bytes(whole)
+    assert len(list(read_documents(path))) == 3000
+
+
+@pytest.mark.parametrize("name,content", [("bad.parquet", b"PAR1 not a parquet file"), ("bad.jsonl.zst", b"junk")])
+def test_corrupt_file_names_the_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    (rec,) = iter_records(path)
+    assert rec.reason == "corrupt_file" and rec.message.startswith(f"{path}: ")
+
+
+def test_max_bytes_counts_the_line_without_its_newline(tmp_path):
+    line = json.dumps({"text": "x" * 20}).encode()
+    for ending in (b"\n", b""):
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(line + ending)
+        assert [type(r) for r in iter_records(path, max_bytes=len(line))] == [Document]
+        assert [r.reason for r in iter_records(path, max_bytes=len(line) - 1)] == ["too_large"]
 
 
 def test_unknown_format_and_missing_file(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import lzma
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ class BadRecord:
 
     source: str
     line: int
-    reason: str  # bad_utf8 | bad_json | not_an_object | missing_text_field | too_large | empty_file
+    reason: str  # bad_utf8 | bad_json | not_an_object | missing_text_field | too_large | empty_file | corrupt_file
     message: str
     raw: str = ""  # the first bytes of the offending line, decoded with replacement, for the rejects file
     nbytes: int = 0  # size of the offending line or file, so reports can count the bytes that were dropped
@@ -62,13 +63,56 @@ def _open_binary(path: Path) -> IO[bytes]:
     if name.endswith(".xz"):
         return lzma.open(path, "rb")
     if name.endswith(".zst"):
-        import io
+        return io.BufferedReader(_ZstdFile(path), buffer_size=1 << 20)
+    return open(path, "rb")
 
+
+class _ZstdFile(io.RawIOBase):
+    """A .zst file as bytes, frame after frame; raises EOFError when the file ends inside a frame.
+
+    zstandard's own stream_reader ends quietly at a cut frame, which would drop the rest of the
+    file's documents without a trace (gzip and lzma raise EOFError there).
+    """
+
+    def __init__(self, path: Path):
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
-        return io.BufferedReader(raw)  # the zstd reader has no readline(size) of its own
-    return open(path, "rb")
+        self._file = open(path, "rb")
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new_frame()
+        self._inside_frame = False
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            data = self._file.read(1 << 17)
+            if not data:
+                if self._inside_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated?)")
+                return 0
+            self._out = memoryview(self._decompress(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            parts.append(self._frame.decompress(data))
+            self._inside_frame = not self._frame.eof
+            if self._inside_frame:
+                break
+            data = self._frame.unused_data  # the next frame's first bytes, if any
+            self._frame = self._new_frame()
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _base_name(path: Path) -> str:
@@ -84,23 +128,24 @@ def _preview(raw: bytes, n: int = 200) -> str:
 
 
 def _lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes, int]]:
-    """(1-based line number, bytes, size) per line, holding at most `max_bytes` + 1 of it.
+    """(1-based line number, bytes, size without the newline) per line, holding at most `max_bytes` + 2 of it.
 
-    A line longer than `max_bytes` comes back cut to its first 256 bytes, with its full size.
+    A line longer than `max_bytes` (its newline not counted) comes back cut to its first 256 bytes,
+    with its full size.
     """
     lineno = 0
     while True:
-        line = f.readline(max_bytes + 1)
+        line = f.readline(max_bytes + 2)  # the content, its newline, and one byte to see a longer line
         if not line:
             return
         lineno += 1
-        size = len(line)
-        if size > max_bytes and not line.endswith(b"\n"):
-            while True:  # drain the rest of the gigantic line without keeping it
+        newline = line.endswith(b"\n")
+        size = len(line) - newline
+        if size > max_bytes:
+            while not newline:  # drain the rest of the gigantic line without keeping it
                 rest = f.readline(1 << 20)
-                size += len(rest)
-                if not rest or rest.endswith(b"\n"):
-                    break
+                newline = not rest or rest.endswith(b"\n")
+                size += len(rest) - rest.endswith(b"\n")
             line = line[:256]
         yield lineno, line, size
 
@@ -137,6 +182,10 @@ def _jsonl(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterat
                 msg = f"{src}:{lineno}: expected a string field {text_field!r}"
                 yield BadRecord(src, lineno, "missing_text_field", msg, _preview(raw), size)
                 continue
+            if b"\\u" in raw and (at := _lone_surrogate_at(text)) is not None:
+                msg = f"{src}:{lineno}: field {text_field!r} holds a lone UTF-16 surrogate (a \\u escape) at {at}"
+                yield BadRecord(src, lineno, "bad_utf8", msg, _preview(raw), size)
+                continue
             doc_id = record.get(id_field)
             origin = record.get("source")
             yield Document(
@@ -146,6 +195,19 @@ def _jsonl(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iterat
                 line=lineno,
                 origin=origin if isinstance(origin, str) else None,
             )
+
+
+def _lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds half a UTF-16 surrogate pair, or None.
+
+    Valid JSON may escape one ("\\ud800"); such a string cannot be written as UTF-8, so it would
+    crash a later stage far from its file and line.
+    """
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
 
 
 def _txt(path: Path, max_bytes: int) -> Iterator[Document | BadRecord]:
@@ -174,24 +236,41 @@ def _parquet(path: Path, text_field: str, id_field: str, max_bytes: int) -> Iter
     if text_field not in names:
         yield BadRecord(src, 0, "missing_text_field", f"{src}: no column {text_field!r}; columns: {', '.join(names)}")
         return
-    columns = [text_field] + ([id_field] if id_field in names and id_field != text_field else [])
+    # The same optional columns as a jsonl record's fields: an id, and the record's own "source".
+    extra = [c for c in (id_field, "source") if c in names and c != text_field]
     row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field, *dict.fromkeys(extra)]):
         texts = batch.column(text_field).to_pylist()
-        ids = batch.column(id_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
-        for text, doc_id in zip(texts, ids):
+        none = [None] * len(texts)
+        ids = batch.column(id_field).to_pylist() if id_field in extra else none
+        origins = batch.column("source").to_pylist() if "source" in extra else none
+        for text, doc_id, origin in zip(texts, ids, origins):
             row += 1
             if not isinstance(text, str):
                 yield BadRecord(
                     src, row, "missing_text_field", f"{src}:{row}: expected a string in column {text_field!r}"
                 )
-            elif len(text) > max_bytes:  # characters >= bytes / 4; a cheap first check
-                msg = f"{src}:{row}: text longer than {max_bytes} bytes"
-                yield BadRecord(src, row, "too_large", msg, text[:200], len(text.encode("utf-8", "replace")))
+                continue
+            # Characters are at most bytes, so only a long text needs the exact (encoding) count.
+            nbytes = len(text.encode("utf-8")) if len(text) > max_bytes // 4 else 0
+            if nbytes > max_bytes:
+                msg = f"{src}:{row}: text of {nbytes} bytes, longer than max {max_bytes}"
+                yield BadRecord(src, row, "too_large", msg, text[:200], nbytes)
             else:
                 yield Document(
-                    text=text, id=str(doc_id) if doc_id is not None else f"{src}:{row}", source=src, line=row
+                    text=text,
+                    id=str(doc_id) if doc_id is not None else f"{src}:{row}",
+                    source=src,
+                    line=row,
+                    origin=origin if isinstance(origin, str) else None,
                 )
+
+
+def _corrupt_file_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow
+    import zstandard
+
+    return (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, pyarrow.ArrowException)
 
 
 def iter_records(
@@ -220,7 +299,7 @@ def iter_records(
         for rec in records:
             empty = False
             yield rec
-    except (OSError, EOFError, lzma.LZMAError) as e:  # a truncated or corrupt compressed stream
+    except _corrupt_file_errors() as e:  # a truncated or corrupt compressed stream or parquet file
         yield BadRecord(str(path), 0, "corrupt_file", f"{path}: cannot be read to the end ({e})".replace("\n", " "))
         return
     if empty:
