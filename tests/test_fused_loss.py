@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from openmill.config import ModelConfig
 from openmill.fused_loss import linear_cross_entropy, linear_target_logps
@@ -43,11 +44,32 @@ def test_model_loss_equals_logits_loss_and_tied_grads_flow():
     assert torch.allclose(g_fused, model.embed_tokens.weight.grad, atol=1e-6)
 
 
-def test_no_gradient_work_under_no_grad():
-    h, w, t = torch.randn(8, 4), torch.randn(10, 4), torch.randint(0, 10, (8,))
-    with torch.no_grad():
-        loss = linear_cross_entropy(h, w, t)
+class CountProducts(TorchFunctionMode):
+    """Counts matrix products: the loss costs one per chunk, each gradient one more."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in ("matmul", "__matmul__", "addmm_")
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_under_no_grad_or_for_a_frozen_weight():
+    h = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)  # like validation on a trainable model
+    w = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 10, (8,))
+    with torch.no_grad(), CountProducts() as products:
+        loss = linear_cross_entropy(h, w, t, chunk=4)
     assert loss.grad_fn is None and torch.isfinite(loss)
+    assert products.count == 2  # the logits of two chunks, no gradient products
+    frozen = w.detach()  # a frozen head (LoRA): only the hidden states need a gradient
+    with CountProducts() as products:
+        (gh,) = torch.autograd.grad(linear_cross_entropy(h, frozen, t, chunk=4), h)
+    assert products.count == 4
+    (ph,) = torch.autograd.grad(F.cross_entropy(h @ frozen.t(), t), h)
+    assert torch.allclose(gh, ph, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [7, 1000])

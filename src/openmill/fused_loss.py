@@ -33,15 +33,29 @@ def record_token_losses(sink: list):
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, ignore_index: int):
-        """hidden (N, C), weight (V, C), targets (N,) -> mean loss over targets != ignore_index."""
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        ignore_index: int,
+        grad_enabled: bool,
+    ):
+        """hidden (N, C), weight (V, C), targets (N,) -> mean loss over targets != ignore_index.
+
+        `grad_enabled` is the caller's grad mode: `needs_input_grad` stays True under `no_grad`
+        (validation), where building the gradients would double the cost for nothing.
+        """
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]  # False for a frozen head (LoRA)
+        need_grad = need_h or need_w
         w = weight.to(hidden.dtype)
         keep = targets != ignore_index
         n_keep = keep.sum().clamp(min=1)
-        grad_h = torch.empty_like(hidden) if need_grad else None
+        grad_h = torch.empty_like(hidden) if need_h else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 math for bf16/fp16 inputs
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         token_losses = [] if _TOKEN_LOSS_SINKS else None
         for s in range(0, hidden.shape[0], chunk):
@@ -64,22 +78,24 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = probs.mul_(scale[:, None] / norm)
                 grad[torch.arange(len(t), device=t.device), safe_t] -= scale
                 g = grad.to(hidden.dtype)
-                grad_h[s : s + chunk] = g @ w
-                if h.dtype == acc:
+                if need_h:
+                    grad_h[s : s + chunk] = g @ w
+                if need_w and h.dtype == acc:
                     grad_w.addmm_(g.t(), h)  # accumulate without a (V, C) temporary
-                else:
+                elif need_w:
                     grad_w += (g.t() @ h).to(acc)
         if token_losses is not None:
             for sink in _TOKEN_LOSS_SINKS:
                 sink.append(torch.cat(token_losses))
         if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / n_keep
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_h, grad_w)]
+        return *scaled, None, None, None, None
 
 
 def default_chunk(vocab_size: int, device: torch.device) -> int:
@@ -94,7 +110,8 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean next-token loss of hidden (..., C) against targets (...) through the projection weight (V, C)."""
     chunk = chunk or default_chunk(weight.shape[0], hidden.device)
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), chunk, ignore_index)
+    flat_h = hidden.flatten(0, -2)
+    return LinearCrossEntropy.apply(flat_h, weight, targets.flatten(), chunk, ignore_index, torch.is_grad_enabled())
 
 
 class LinearTargetLogProbs(torch.autograd.Function):
