@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from openmill.config import PretrainConfig, load_recipe
-from openmill.stages import run_recipe
+from openmill.config import PretrainConfig, RecipeError, load_recipe
+from openmill.stages import preflight, run_recipe
 from openmill.train import engine as engine_mod
 from openmill.train.metrics import read_metrics
 from openmill.train.schedule import lr_at
@@ -121,6 +121,45 @@ def test_changed_recipe_does_not_resume_foreign_checkpoints(prepared, tmp_path, 
     run_recipe(changed, ["pretrain"])
     printed = capsys.readouterr().out
     assert "the recipe changed" in printed and "resuming from" not in printed
+
+
+def test_bookkeeping_changes_and_a_wsd_extension_keep_the_checkpoints(prepared, tmp_path, capsys):
+    """Only what changes the trained weights makes checkpoints foreign: not logging, saving or threads,
+    and not `steps` under a schedule whose past learning rates do not depend on it (wsd)."""
+    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=4", "pretrain.schedule=wsd"])
+    run_recipe(recipe, ["pretrain"])
+    longer = ["pretrain.steps=8", "pretrain.schedule=wsd", "pretrain.log_every=2", "pretrain.keep_checkpoints=4"]
+    capsys.readouterr()
+    run_recipe(load_recipe(TINY, SMALL + [f"run_dir={root}", *longer, "pretrain.threads=1"]), ["pretrain"])
+    printed = capsys.readouterr().out
+    assert "the recipe changed" not in printed and "step_000004 (step 4)" in printed
+    assert sorted(p.name for p in (root / "pretrain" / "checkpoints").iterdir()) == ["step_000004", "step_000008"]
+
+
+def test_a_torn_newest_checkpoint_does_not_make_the_older_ones_foreign(prepared, tmp_path, monkeypatch, capsys):
+    crashed, root = fresh_run(prepared, tmp_path)
+    crash_pretrain_at_step_10(crashed, monkeypatch)
+    (root / "pretrain" / "checkpoints" / "step_000008" / "meta.json").unlink()
+    capsys.readouterr()
+    run_recipe(crashed, ["pretrain"])
+    printed = capsys.readouterr().out
+    assert "the recipe changed" not in printed
+    assert "step_000008 is corrupt (meta.json missing)" in printed and "step_000004 (step 4)" in printed
+
+
+def test_a_domain_weighted_only_by_a_phase_is_trained(prepared, tmp_path):
+    phases = "pretrain.phases=[{name: prose, steps: 6}, {name: code, steps: 6, mixture: {code: 1.0}}]"
+    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.mixture={en: 1.0}", phases])
+    run_recipe(recipe, ["pretrain"])
+    last = [r for r in read_metrics(root / "pretrain" / "metrics.jsonl") if "seen/code" in r][-1]
+    assert last["seen/en"] == 6 * 8 * 32 and last["seen/code"] == 6 * 8 * 32
+
+
+def test_preflight_checks_each_phase_window_against_the_model(prepared, tmp_path):
+    phases = "pretrain.phases=[{name: short, steps: 6}, {name: long, steps: 6, seq_len: 128}]"
+    recipe, _ = fresh_run(prepared, tmp_path, [phases])
+    with pytest.raises(RecipeError, match=r"^pretrain.phases.long.seq_len: 128 exceeds model.max_seq_len 64$"):
+        preflight(recipe)
 
 
 def test_schedules():

@@ -203,6 +203,11 @@ class PretrainConfig(Strict):
                 raise ValueError(f"phases.{phase.name}.batch_size must be divisible by grad_accum ({self.grad_accum})")
         return self
 
+    def window_lengths(self) -> list[tuple[str, int]]:
+        """(recipe field, training window length) of the run and of each phase that sets its own."""
+        own = [(f"pretrain.phases.{p.name}.seq_len", p.seq_len) for p in self.phases if p.seq_len]
+        return [("pretrain.seq_len", self.seq_len), *own]
+
 
 class GenerateConfig(Strict):
     prompts: list[str] = Field(default_factory=lambda: ["Alice was beginning to", "中华人民共和国"])

@@ -248,8 +248,9 @@ def preflight(recipe: Recipe) -> None:
         model = m.resolved(vocab_size=m.vocab_size or recipe.tokenizer.vocab_size)
     except ValueError as e:
         raise RecipeError(f"model: {e}") from None
-    if p.seq_len > model.max_seq_len:
-        raise RecipeError(f"pretrain.seq_len: {p.seq_len} exceeds model.max_seq_len {model.max_seq_len}")
+    for field, seq_len in p.window_lengths():
+        if seq_len > model.max_seq_len:
+            raise RecipeError(f"{field}: {seq_len} exceeds model.max_seq_len {model.max_seq_len}")
     if m.vocab_size is not None and m.vocab_size < recipe.tokenizer.vocab_size:
         raise RecipeError(f"model.vocab_size: {m.vocab_size} is smaller than tokenizer.vocab_size {recipe.tokenizer.vocab_size}")
     if p.init_from is not None and not (Path(p.init_from) / "model.json").is_file():

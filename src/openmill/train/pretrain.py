@@ -26,7 +26,7 @@ from openmill.data.dmu import DataManagementUnit
 from openmill.data.shards import TokenShards
 from openmill.model import Transformer, build_model
 from openmill.export.folder import TokenizerInfo, write_model_folder
-from openmill.rundir import fingerprint
+from openmill.rundir import fingerprint, sha256_file
 from openmill.tokenizer import Tokenizer
 from openmill.train.checkpoint import barrier, is_main_process, list_checkpoints
 from openmill.train.engine import Trainer
@@ -109,7 +109,9 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     tokenizer = Tokenizer.load(tokenizer_path)
 
     weights = recipe.domain_weights(cfg.mixture)
-    domains = [d for d, w in weights.items() if w > 0]
+    # A domain is trained if any mixture that can be in force weighs it: the default or a phase's.
+    mixtures = [weights] + [recipe.domain_weights(p.mixture) for p in cfg.phases if p.mixture]
+    domains = [d for d in recipe.data.domains if any(m[d] > 0 for m in mixtures)]
     train = {d: TokenShards(Path(tokens_dir) / d / "train") for d in domains}
     valid = {d: TokenShards(Path(tokens_dir) / d / "valid") for d in recipe.data.domains}
     dmu = DataManagementUnit(cfg, weights, train, recipe.seed)
@@ -123,8 +125,9 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     # Checked here, on the shape actually trained (the preflight cannot see init_from's or the tokenizer's).
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({model_cfg.vocab_size}) < tokenizer vocabulary ({tokenizer.vocab_size})")
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+    for field, seq_len in cfg.window_lengths():
+        if seq_len > model_cfg.max_seq_len:
+            raise ValueError(f"{field} ({seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
     n_params = sum(p.numel() for p in raw.parameters())
     model = parallelize(raw, world, cfg.parallel, cfg.compile)
 
@@ -158,9 +161,7 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         log=log,
         hooks=hooks,
     )
-    # init_from's contents count too: new weights at the same path (a re-run upscale) are another run.
-    resume_key = fingerprint(recipe.model_dump(mode="json", include={"seed", "data", "model", "pretrain"}),
-                             [cfg.init_from] if cfg.init_from else [])
+    resume_key = training_fingerprint(recipe)
     _drop_foreign_checkpoints(out_dir / "checkpoints", resume_key, log)
     trainer.meta["resume_key"] = resume_key
     resumed = trainer.resume()
@@ -197,16 +198,50 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     return [final, out_dir / "metrics.jsonl"], summary
 
 
+# Settings that change how a run is watched or saved, not what it trains: changing one keeps the checkpoints.
+_BOOKKEEPING = {"threads", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard"}
+
+
+def training_fingerprint(recipe: Recipe) -> str:
+    """What a checkpoint must share with the recipe to be resumed from.
+
+    `steps` counts only where it shapes the learning rates already applied: a wsd or constant run
+    can be extended from its checkpoints. init_from's contents count too: new weights at the same
+    path (a re-run upscale) are another run.
+    """
+    cfg = recipe.pretrain
+    pretrain = cfg.model_dump(mode="json", exclude=_BOOKKEEPING | ({"steps"} if cfg.schedule != "cosine" else set()))
+    pretrain["monitor"].pop("report", None)
+    trained = {**recipe.model_dump(mode="json", include={"seed", "data", "model"}), "pretrain": pretrain}
+    return fingerprint(trained, [cfg.init_from] if cfg.init_from else [])
+
+
 def _drop_foreign_checkpoints(root: Path, resume_key: str, log) -> None:
-    """Checkpoints of a run with another recipe are not resumed from: they are removed, with a note."""
-    found = list_checkpoints(root)
-    if not found:
-        return
-    meta = json.loads((found[-1][1] / "meta.json").read_text()) if (found[-1][1] / "meta.json").is_file() else {}
-    if meta.get("resume_key") != resume_key and is_main_process():
-        log(f"pretrain: the recipe changed since {found[-1][1].name}; starting over (old checkpoints removed)")
-        shutil.rmtree(root)
+    """Checkpoints of a run with another recipe are not resumed from: they are removed, with a note.
+
+    Judged on the newest checkpoint whose meta.json matches its recorded checksum: a torn one says
+    nothing about the recipe (the resume reports it and falls back to an older one).
+    """
+    for _, folder in reversed(list_checkpoints(root)):
+        meta = _verified_meta(folder)
+        if meta is None:
+            continue
+        if meta.get("resume_key") != resume_key and is_main_process():
+            log(f"pretrain: the recipe changed since {folder.name}; starting over (old checkpoints removed)")
+            shutil.rmtree(root)
+        break
     barrier()
+
+
+def _verified_meta(folder: Path) -> dict | None:
+    """A checkpoint's meta.json if it is the one its checksums.json records (only that file is hashed)."""
+    try:
+        recorded = json.loads((folder / "checksums.json").read_text()).get("meta.json")
+        if recorded != sha256_file(folder / "meta.json"):
+            return None
+        return json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def unwrap_full(model, raw: Transformer) -> Transformer | None:
