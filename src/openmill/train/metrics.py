@@ -19,17 +19,21 @@ class MetricsLog:
             atomic_write_text(self.path, "")
         elif self.path.exists():
             # Drop what was logged after the checkpoint we resume from: those steps run again.
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(folder) / "tb"), purge_step=resume_step)
+            # Events from the first re-run step on are dropped; the resume step's own stay (it is not re-logged).
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(Path(folder) / "tb"), purge_step=purge)
         self._file = open(self.path, "a", encoding="utf-8")
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
@@ -50,4 +54,17 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A torn last line (the process died while writing it) is left
+    out; a bad line anywhere else is an error naming the file and line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON metrics record ({e.msg})") from None
+    return records

@@ -170,7 +170,7 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         f"pretrain: {n_params / 1e6:.2f}M parameters, {world.size} process(es) on {world.device}, "
         f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
     )
-    with Progress(
+    with metrics, Progress(
         TextColumn("[bold]pretrain"),
         BarColumn(),
         TextColumn("step {task.completed}/{task.total}"),
@@ -185,7 +185,6 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
 
         with hooks.sigterm_checkpoints():
             trainer.fit(metrics, progress)
-    metrics.close()
     if world.is_main and cfg.monitor.report:
         write_report(out_dir, dmu.sources)
 
