@@ -274,7 +274,7 @@ def run_stage(recipe: Recipe, name: str, run: RunDir, force: bool = False, log=p
     dump = recipe.model_dump(mode="json")
     config = {section: dump[section] for section in stage.sections}
     fp = fingerprint(config, stage.inputs(recipe))
-    if not force and run.is_up_to_date(stage.dir, fp):
+    if _rank0_says(not force and run.is_up_to_date(stage.dir, fp)):
         log(f"[{name}] up to date, skipped (use --force to rerun)")
         return run.manifest(stage.dir)
     if not stage.distributed and not _is_main():
@@ -289,9 +289,18 @@ def run_stage(recipe: Recipe, name: str, run: RunDir, force: bool = False, log=p
             stage.dir, stage=name, config=config, fp=fp, inputs=stage.inputs(recipe), outputs=outputs, metrics=metrics, started=started
         )
         log(f"[{name}] done in {manifest['seconds']:.1f} s")
-    if not stage.distributed and dist.is_initialized():
+    if dist.is_initialized():  # the next stage's inputs are complete for every process
         dist.barrier()
     return manifest
+
+
+def _rank0_says(answer: bool) -> bool:
+    """Process 0's answer on every process: all must take the same branch, or the next collective hangs."""
+    if not dist.is_initialized():
+        return answer
+    box = [answer]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = False, log=print) -> dict[str, dict]:
