@@ -21,8 +21,8 @@ class MixtureSampler:
         self.seq_len = seq_len
         self.seed = seed
         for name, s in shards.items():
-            if s.n_tokens < seq_len + 2:
-                raise ValueError(f"domain {name!r}: {s.n_tokens} training tokens, fewer than seq_len + 2 = {seq_len + 2}")
+            if s.n_tokens < seq_len + 1:
+                raise ValueError(f"domain {name!r}: {s.n_tokens} training tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self.set_weights(weights)
 
     def set_weights(self, weights: dict[str, float]) -> None:
@@ -41,8 +41,9 @@ class MixtureSampler:
         p = np.array([self.weights[d] for d in self.domains])
         domain_idx = rng.choice(len(self.domains), size=batch_size, p=p)
         # One uniform draw per row, scaled to that row's domain length: no per-row generator needed.
+        # A row reads seq_len + 1 tokens, so a domain of n tokens has n - seq_len starts.
         u = rng.random(batch_size)
-        limits = np.array([self.shards[self.domains[i]].n_tokens - seq_len - 1 for i in domain_idx])
+        limits = np.array([self.shards[self.domains[i]].n_tokens - seq_len for i in domain_idx])
         starts = (u * limits).astype(np.int64)
         return domain_idx, starts
 
