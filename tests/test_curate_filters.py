@@ -16,8 +16,10 @@ from openmill.data.curate.config import (
     PiiConfig,
     QualityConfig,
     RepetitionConfig,
+    Rules,
 )
 from openmill.data.curate.doc import DocView
+from openmill.data.curate.pipeline import DomainPipeline
 from openmill.data.curate.filters import LengthFilter
 from openmill.data.curate.langid import LanguageFilter
 from openmill.data.curate.pii import PiiMasker
@@ -315,6 +317,17 @@ def test_signals_are_recorded():
     sig = doc.signals()
     assert {"mean_word_length", "stop_words", "duplicate_lines_fraction", "top_ngram_chars_fraction"} <= set(sig)
     assert all(np.isfinite(v) for v in sig.values())
+
+
+@pytest.mark.parametrize("edit", ["c4", "pii"])
+def test_signals_survive_an_editing_step(edit):
+    """C4's line editing and PII masking give the document a new view; what the filters measured on
+    the way (the report's kept-versus-dropped plots) must not be lost with the old one."""
+    rules = Rules(languages=["en"], c4=C4Config(enabled=edit == "c4"), pii=PiiConfig(enabled=edit == "pii"))
+    text = EN + ("\nPlease enable JavaScript to view the comments." if edit == "c4" else "\nMail jane@example.org.")
+    out = DomainPipeline(rules).process(text)
+    assert out.filter is None and out.doc.text != normalize(text, rules.normalize)  # kept and edited
+    assert {"mean_word_length", "stop_words", "duplicate_lines_fraction", "top_ngram_chars_fraction"} <= set(out.signals)
 
 
 def test_language_model_loads_from_the_wheel_without_network(monkeypatch):

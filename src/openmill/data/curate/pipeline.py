@@ -23,7 +23,8 @@ from openmill.data.curate.text import normalize
 
 @dataclass
 class Outcome:
-    doc: DocView  # the final view (its text is what is kept), with the signals computed on the way
+    doc: DocView  # the final view: its text is what is kept
+    signals: dict[str, float]  # every signal a step computed, on the text that step saw
     filter: str | None = None  # None: kept
     reason: str | None = None
 
@@ -70,6 +71,7 @@ class DomainPipeline:
 
     def process(self, text: str) -> Outcome:
         doc = DocView(normalize(text, self.rules.normalize), self.rules.cjk_chars_per_word)
+        signals: dict[str, float] = {}  # kept across views: the report plots what each filter judged
         nbytes = len(doc.text.encode("utf-8"))
         for step in self.steps:
             st = self.stats[step.name]
@@ -78,15 +80,17 @@ class DomainPipeline:
             verdict = step(doc)
             if isinstance(verdict, tuple):
                 st.dropped[verdict[1]] += 1
-                return Outcome(doc, step.name, verdict[1])
+                return Outcome(doc, signals | doc.signals(), step.name, verdict[1])
             if isinstance(verdict, str):  # an editor's new text: later steps see a fresh view
+                signals |= doc.signals()
                 doc = DocView(verdict, self.rules.cjk_chars_per_word)
                 nbytes = len(verdict.encode("utf-8"))
             st.docs_out += 1
             st.bytes_out += nbytes
+        signals |= doc.signals()
         if self.masker is not None:
             masked, counts = self.masker.mask(doc.text)
             self.pii_masked.update(counts)
             if masked != doc.text:
                 doc = DocView(masked, self.rules.cjk_chars_per_word)
-        return Outcome(doc)
+        return Outcome(doc, signals)

@@ -170,7 +170,7 @@ def filter_chunk(task: FileTask, chunk_index: int, records: list) -> int:
             continue
         c.bytes_in += len(rec.text.encode("utf-8"))
         out = pipe.process(rec.text)
-        sig = out.doc.signals()
+        sig = out.signals
         for k in SIGNALS:
             c.signals[k].append(sig.get(k, np.nan))
         c.signal_kept.append(out.filter is None)
