@@ -75,6 +75,26 @@ def test_deduplicate_exact_near_and_contamination():
     assert counted.reason.tolist() == [0, 0, EXACT, NEAR, 0, 0, 0] and counted.contaminated_kept == 1
 
 
+def test_an_exact_copy_of_a_near_duplicate_points_at_the_kept_document():
+    rng = np.random.default_rng(5)
+    train = " ".join(_words(rng, 300))
+    near = train.split()
+    near[10:14] = ["changed", "words", "right", "here"]
+    near = " ".join(near)
+    texts = [train, near, near]  # 0 train; 1 valid, a near copy of 0; 2 valid, an exact copy of 1
+    valid = np.array([False, True, True])
+    cfg = DedupConfig()
+    exact, bands, sim = _index(texts, cfg)
+    res = deduplicate(exact, bands, valid, np.zeros(3, dtype=np.int64), cfg, sim)
+    # Both valid documents are copies of train text: neither may stay as held-out data.
+    assert res.duplicate_of.tolist() == [-1, 0, 0]
+    assert res.reason.tolist() == [0, VALID_IN_TRAIN, VALID_IN_TRAIN]
+
+
+def test_texts_without_words_are_not_near_duplicates():
+    assert jaccard(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)) == 0.0
+
+
 def test_scope_domain_keeps_cross_domain_copies():
     texts = ["a shared boilerplate text that both domains contain word for word"] * 2
     cfg = DedupConfig(scope="domain")

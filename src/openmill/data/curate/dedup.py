@@ -122,6 +122,11 @@ def deduplicate(
             if root != i:
                 group[i] = root
                 kind[i] = NEAR
+        # An exact duplicate's representative may itself be a near duplicate of an earlier document:
+        # point it at the document its group keeps.
+        exact = np.flatnonzero(kind == EXACT)
+        merged = exact[np.isin(group[exact], pairs)]
+        group[merged] = [uf.find(int(r)) for r in group[merged]]
 
     contaminated_kept = 0
     leaked = (kind > 0) & split_is_valid & ~split_is_valid[np.maximum(group, 0)]

@@ -33,8 +33,8 @@ def shingles(doc: DocView, words: int, cjk_chars: int) -> np.ndarray:
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Exact Jaccard similarity of two sorted unique shingle arrays."""
-    if len(a) == 0 and len(b) == 0:
-        return 1.0
+    if len(a) == 0 or len(b) == 0:  # a text with no words (emoji, punctuation) is nobody's near copy
+        return 0.0
     inter = len(np.intersect1d(a, b, assume_unique=True))
     return inter / (len(a) + len(b) - inter)
 
