@@ -295,6 +295,7 @@ def test_normalize():
     out = normalize(raw, cfg)
     assert out == "Fullwidth\nline\n\n\nnext"
     assert normalize(out, cfg) == out  # idempotent
+    assert normalize("e\x00\u0301x", NormalizeConfig()) == "\u00e9x"  # composed in one pass
     assert normalize("    indented\n\tcode  ", NormalizeConfig()) == "    indented\n\tcode"
     assert normalize("漢語憲法", NormalizeConfig(traditional_to_simplified=True)) == "汉语宪法"
 

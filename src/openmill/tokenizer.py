@@ -226,7 +226,7 @@ def training_texts(recipe: Recipe) -> tuple[dict[str, list[str]], dict[str, int]
         files, text_field = document_files(recipe, domain, "train")
         # crc32 of the name: a domain's sample does not change when other domains are added.
         seed = [recipe.seed, zlib.crc32(domain.encode())]
-        samples[domain], available[domain] = _sample_domain(files, text_field, round(w * cfg.max_train_bytes), seed)
+        samples[domain], available[domain] = _sample_domain(files, text_field, max(1, round(w * cfg.max_train_bytes)), seed)
         if available[domain] == 0:
             raise DataError(f"data.domains.{domain}.train: no text for the tokenizer (mixture weight {w:.2f})")
     total = min([cfg.max_train_bytes] + [available[d] / w for d, w in weights.items()])

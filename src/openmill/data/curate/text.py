@@ -35,11 +35,14 @@ def _t2s():
 
 def normalize(text: str, cfg: NormalizeConfig) -> str:
     """Unicode form, whitespace clean-up, optional traditional -> simplified Chinese; idempotent."""
+    if cfg.whitespace:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        # Before composing: a control character between a letter and its accent would keep them
+        # apart until a second pass, and normalize would not be idempotent.
+        text = _CONTROL_RE.sub("", text)
     if cfg.unicode != "none":
         text = unicodedata.normalize(cfg.unicode, text)
     if cfg.whitespace:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        text = _CONTROL_RE.sub("", text)
         text = _TRAILING_WS_RE.sub("\n", text + "\n")
         text = _BLANK_RUN_RE.sub("\n\n\n", text).strip("\n")
         text = text.rstrip()
