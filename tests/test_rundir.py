@@ -1,6 +1,9 @@
 """Run directory: atomic writes, manifests and the skip rule."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 from openmill.rundir import RunDir, atomic_dir, atomic_write_json, fingerprint, sha256_path
@@ -19,6 +22,19 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
         pass
     assert (final / "a").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_killed_writers_half_folder_is_removed_by_the_next_write(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now: the folder below looks like what a SIGKILLed save leaves
+    half = tmp_path / f".step_000008.tmp-{dead.pid}"
+    (half / "model.safetensors").parent.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
+    mine = tmp_path / f".step_000012.tmp-{os.getpid()}"  # a living writer's folder stays
+    mine.mkdir()
+    with atomic_dir(tmp_path / "step_000016") as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "step_000016"]
 
 
 def test_manifest_and_skip(tmp_path):

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -78,6 +79,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final.parent)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -92,6 +94,28 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(final.parent)
+
+
+_LEFTOVER = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
+
+
+def _remove_leftovers(parent: Path) -> None:
+    """Delete the temporary folders of writers that died mid-write (a killed run's half checkpoint
+    would otherwise stay on disk for good); a living process's folder is left alone."""
+    for path in parent.iterdir():
+        match = _LEFTOVER.match(path.name)
+        if match and path.is_dir() and not _alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def code_version() -> str:
