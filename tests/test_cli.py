@@ -1,5 +1,7 @@
 """Bad input fails before any work with one line naming the file or field (through the real CLI)."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -11,6 +13,7 @@ from openmill.stages import run_recipe
 from openmill.train.pretrain import load_model_folder, save_trained_model
 
 from .conftest import REPO
+from .test_export_hf import make_model_folder, tokenizer_path  # noqa: F401 (fixture)
 
 TINY = str(REPO / "recipes" / "tiny.yaml")
 
@@ -96,3 +99,44 @@ def test_export_and_import_round_trip_through_the_cli(tmp_path):
     assert fail_line("export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "x")) == (
         "error: --format: expected hf or gguf, got 'onnx'"
     )
+
+
+def test_import_of_a_config_without_hidden_size(tmp_path):
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 512, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 4, "intermediate_size": 128}))
+    line = fail_line("import", str(src), "--out", str(tmp_path / "out"))
+    expected = f"error: {src / 'config.json'}: field hidden_size: expected a positive integer, got nothing (missing)"
+    assert line == expected
+
+
+# model.json's config as a hand edit can break it: a misspelt key, a value of the wrong type.
+BAD_MODEL_FIELDS = [
+    ("n_heads", "n_head", 4, "field model.n_head: unknown key (did you mean 'n_heads'?)"),
+    ("dim", "dim", "sixty-four", "field model.dim: expected a valid integer, unable to parse string as an integer, "
+                                 "got 'sixty-four'"),
+]
+
+
+@pytest.mark.parametrize("command", [["export", "--format", "hf"], ["upscale", "--drop", "1"], ["merge"]])
+@pytest.mark.parametrize("old,new,value,problem", BAD_MODEL_FIELDS, ids=["misspelt", "mistyped"])
+def test_model_folder_with_a_bad_config_field(tmp_path, tokenizer_path, command, old, new, value, problem):
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["model"][old]
+    meta["model"][new] = value
+    (folder / "model.json").write_text(json.dumps(meta))
+    sources = [str(folder)] * (2 if command[0] == "merge" else 1)
+    line = fail_line(command[0], *sources, *command[1:], "--out", str(tmp_path / "out"))
+    assert line == f"error: {folder / 'model.json'}: {problem}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_upscale_of_a_truncated_weights_file(tmp_path, tokenizer_path):
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # the header still lists the last tensor in full
+    line = fail_line("upscale", str(folder), "--drop", "0", "--out", str(tmp_path / "out"))
+    assert line == f"error: {weights}: file ends inside a tensor (truncated?)"
+    assert not (tmp_path / "out").exists()

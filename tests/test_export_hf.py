@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken, pre_tokenizers, trainers
+from tokenizers import AddedToken, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from openmill.export import ExportError, export_hf, import_hf
+from openmill.textmodel import TextTokenizer
 from openmill.tokenizer import SPECIAL_TOKENS, Tokenizer, new_tokenizer
 from openmill.train.pretrain import load_model_folder, save_trained_model
 
@@ -192,6 +194,39 @@ def test_import_then_export_round_trips_the_folder(tmp_path, tokenizer_path):
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids()).logits, b(input_ids=ids()).logits)
     assert AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == AutoTokenizer.from_pretrained(src).chat_template
+
+
+@pytest.mark.parametrize("template", ["<|bos|> $A", "$A"], ids=["bos-from-post-processor", "no-bos"])
+def test_bos_from_the_post_processor_is_imported_as_transformers_encodes(tmp_path, tokenizer_path, template):
+    """Llama 3 style folders say nothing of add_bos_token in tokenizer_config.json: tokenizer.json's
+    TemplateProcessing adds BOS. Imported and exported again, the ids must stay transformers' ids."""
+    src = hf_random_folder(tmp_path, tokenizer_path)
+    hf = HFTokenizer.from_file(str(src / "tokenizer.json"))
+    bos = hf.token_to_id("<|bos|>")
+    hf.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<|bos|>", bos)])
+    hf.save(str(src / "tokenizer.json"))
+    assert "add_bos_token" not in json.loads((src / "tokenizer_config.json").read_text())
+    theirs = AutoTokenizer.from_pretrained(src)
+    import_hf(src, tmp_path / "ours")
+    export_hf(tmp_path / "ours", tmp_path / "again")
+    ours = TextTokenizer.from_folder(tmp_path / "ours")
+    again = AutoTokenizer.from_pretrained(tmp_path / "again")
+    for doc in [d for docs in sample_texts(3, "valid").values() for d in docs]:
+        expected = theirs(doc)["input_ids"]
+        assert (expected[0] == bos) == template.startswith("<|bos|>")  # the folder does what the case says
+        assert ours.encode(doc, add_bos=ours.info.add_bos_token) == expected
+        assert again(doc)["input_ids"] == expected
+
+
+def test_config_missing_a_required_key_is_refused_naming_file_and_key(tmp_path, tokenizer_path):
+    src = hf_random_folder(tmp_path, tokenizer_path)
+    config = json.loads((src / "config.json").read_text())
+    del config["hidden_size"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError) as err:
+        import_hf(src, tmp_path / "ours")
+    expected = f"{src / 'config.json'}: field hidden_size: expected a positive integer, got nothing (missing)"
+    assert str(err.value) == expected
 
 
 @pytest.mark.parametrize("edit,field", [

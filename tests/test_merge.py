@@ -1,7 +1,10 @@
 """Weight-averaging merges: a checkpoint merged with itself comes back bit for bit, linear and slerp
-match their formulas, and checkpoints of different shapes are refused naming the first tensor."""
+match their formulas, and checkpoints of different shapes, configs or tokenizers are refused naming
+the first difference."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +79,38 @@ def test_different_shapes_fail_naming_the_first_tensor(pair, tmp_path, tokenizer
     deeper = make_model_folder(tmp_path / "d", tokenizer_path, n_layers=3)
     with pytest.raises(SurgeryError, match=r"tensor layers\.2\.input_layernorm\.weight is missing in .*/a/model"):
         merge([deeper, pair[0]], tmp_path / "m")
+
+
+@pytest.mark.parametrize("fields,difference", [
+    (dict(rope_theta=5e5), "model config field rope_theta is 10000.0 in {a} but 500000.0 in {b}"),
+    (dict(tie_embeddings=True), "model config field tie_embeddings is False in {a} but True in {b}"),
+    (dict(sliding_window=16), "model config field sliding_window is None in {a} but 16 in {b}"),
+], ids=["rope_theta", "tie_embeddings", "sliding_window"])
+def test_same_shapes_but_different_configs_fail_naming_the_field(pair, tmp_path, tokenizer_path, fields, difference):
+    # A tied model stores lm_head too, and RoPE base and window have no tensors: every shape agrees.
+    other = make_model_folder(tmp_path, tokenizer_path, seed=2, n_layers=2, **fields)
+    with pytest.raises(SurgeryError) as err:
+        merge([pair[0], other], tmp_path / "m")
+    assert str(err.value) == "merge: " + difference.format(a=pair[0], b=other)
+    assert not (tmp_path / "m").exists()
+
+
+def test_different_tokenizers_fail_naming_the_field(pair, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(pair[1], other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["tokenizer"]["bos_token"] = "<|pad|>"
+    (other / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(SurgeryError) as err:
+        merge([pair[0], other], tmp_path / "m")
+    assert str(err.value) == f"merge: tokenizer field bos_token is '<|bos|>' in {pair[0]} but '<|pad|>' in {other}"
+    shutil.copy(pair[1] / "model.json", other / "model.json")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-1]  # same special tokens, other BPE
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(SurgeryError) as err:
+        merge([pair[0], other], tmp_path / "m")
+    assert str(err.value) == f"merge: tokenizer.json field model differs between {pair[0]} and {other}"
 
 
 def test_bad_arguments(pair, tmp_path):

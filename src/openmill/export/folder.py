@@ -9,15 +9,17 @@ writes them back. Weights are in our parameter names (= HF Llama names without "
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from openmill.config import ModelConfig
+from openmill.config import ModelConfig, RecipeError
 from openmill.rundir import atomic_dir, atomic_write_json
 from openmill.tokenizer import BOS, CHAT_TEMPLATE, END, EOS, PAD
 
@@ -63,7 +65,7 @@ class ModelFolder:
         meta = json.loads((path / "model.json").read_text())
         if "model" not in meta:
             raise ExportError(f"{path / 'model.json'}: no 'model' field (the model config)")
-        cfg = ModelConfig(**meta["model"]).resolved()
+        cfg = checked_model_config(meta["model"], path / "model.json", prefix="model.")
         return cls(path, cfg, TokenizerInfo.from_dict(meta.get("tokenizer", {})))
 
     @property
@@ -92,6 +94,35 @@ class ModelFolder:
         if token not in vocab:
             raise ExportError(f"{self.path / 'tokenizer.json'}: special token {token!r} is not in the vocabulary")
         return vocab[token]
+
+
+def checked_model_config(fields: dict, source: Path, names: dict[str, str] | None = None,
+                         prefix: str = "") -> ModelConfig:
+    """ModelConfig(**fields).resolved(), or one ExportError line `source: field X: expected Y`.
+
+    names: our field name -> the file's spelling of it (config.json says hidden_size for dim);
+    prefix: where the fields sit in the file ("model." in model.json). Both only shape the message.
+    """
+    try:
+        return ModelConfig(**fields).resolved()
+    except ValidationError as e:
+        raise ExportError(f"{source}: {first_validation_problem(e, names or {}, prefix)}") from None
+    except RecipeError as e:  # resolved() with no vocab_size: its message names the field
+        raise ExportError(f"{source}: {e}") from None
+
+
+def first_validation_problem(err: ValidationError, names: dict[str, str], prefix: str) -> str:
+    """The first problem pydantic found in a ModelConfig, as `field X: expected Y, got Z` (no newline)."""
+    problem = err.errors()[0]
+    key = ".".join(str(p) for p in problem["loc"])
+    message = problem["msg"].removeprefix("Value error, ")
+    if not key:  # a check across fields (n_heads vs n_kv_heads): its message names them
+        return message
+    shown = prefix + names.get(key, key)
+    if problem["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, list(ModelConfig.model_fields), n=1)
+        return f"field {shown}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"field {shown}: {message.replace('Input should be', 'expected', 1)}, got {problem['input']!r}"
 
 
 def param_order(name: str) -> tuple:

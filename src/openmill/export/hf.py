@@ -19,13 +19,22 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from openmill.config import ModelConfig
-from openmill.export.folder import ExportError, ModelFolder, TokenizerInfo, tokenizer_vocab, write_model_folder
+from openmill.export.folder import (ExportError, ModelFolder, TokenizerInfo, checked_model_config, tokenizer_vocab,
+                                    write_model_folder)
 from openmill.rundir import atomic_dir, atomic_write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# config.json keys without which the model's shape is unknown; the rest have transformers' defaults.
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+# Our ModelConfig field -> its config.json key, so an error names the key the file has.
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size",
+           "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+           "tie_embeddings": "tie_word_embeddings"}
 
 
 def to_hf_name(name: str) -> str:
@@ -168,8 +177,13 @@ def config_from_hf(config: dict, source: Path) -> ModelConfig:
     window = config.get("sliding_window") if model_type == "mistral" else None
     if model_type == "mistral" and config.get("use_sliding_window") is False:
         window = None
+    for key in REQUIRED_HF_KEYS:  # checked first: head_dim below divides by them
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            got = "nothing (missing)" if key not in config else repr(value)
+            raise ExportError(f"{source}: field {key}: expected a positive integer, got {got}")
     heads = config["num_attention_heads"]
-    return ModelConfig(
+    fields = dict(
         vocab_size=config["vocab_size"],
         dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
@@ -182,7 +196,8 @@ def config_from_hf(config: dict, source: Path) -> ModelConfig:
         norm_eps=config.get("rms_norm_eps", 1e-6),
         sliding_window=window,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-    ).resolved()
+    )
+    return checked_model_config(fields, source, HF_KEYS)
 
 
 def _token_text(value) -> str | None:
@@ -223,7 +238,21 @@ def tokenizer_from_hf(hf_dir: Path) -> tuple[str, TokenizerInfo]:
         token = getattr(info, name)
         if token is not None and token not in vocab:
             raise ExportError(f"{tc_path}: {name} {token!r} is not in {path.name}")
+    if "add_bos_token" not in tc:
+        info.add_bos_token = _post_processor_adds_bos(text, info.bos_token)
     return text, info
+
+
+def _post_processor_adds_bos(tokenizer_json: str, bos_token: str | None) -> bool:
+    """Whether tokenizer.json's post-processor starts every encoding with BOS.
+
+    Llama 3 style folders add BOS this way (TemplateProcessing "<bos> $A") and leave add_bos_token
+    out of tokenizer_config.json; transformers then encodes with the post-processor, so we ask it.
+    """
+    if bos_token is None:
+        return False
+    hf = Tokenizer.from_str(tokenizer_json)
+    return hf.encode("", add_special_tokens=True).ids[:1] == [hf.token_to_id(bos_token)]
 
 
 def _weight_files(hf_dir: Path) -> list[Path]:

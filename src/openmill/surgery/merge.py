@@ -8,13 +8,16 @@ slerp:  two checkpoints, t in [0, 1]; per tensor, interpolate along the great ci
         nearly parallel tensors (sin W ~ 0) fall back to linear, which is the same limit.
 
 Tensors are read one at a time from every input and written as they are made (tensorfile.py).
-The tokenizer and special tokens are the first checkpoint's.
+Equal shapes are not enough: the inputs must have one model config (RoPE base, sliding window,
+tied head, ...) and one tokenizer, since the output is written with the first one's.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,6 +27,11 @@ from openmill.surgery.source import Checkpoint, SurgeryError, open_checkpoint, w
 
 # Below this sin(angle) two tensors count as parallel and slerp is linear (mergekit uses 1 - 1e-4 on the cosine).
 PARALLEL_SIN = 1e-4
+# ModelConfig fields that do not change what a model computes: how its config was written (preset,
+# ffn_multiple_of, both already resolved into the other fields) or how its weights were first drawn.
+NOT_COMPARED_CONFIG = {"preset", "ffn_multiple_of", "init_std"}
+# TokenizerInfo's llama.cpp pre-tokenizer name is known for a GGUF import and found later otherwise.
+NOT_COMPARED_TOKENIZER = {"gguf_pre"}
 
 
 def check_same_shapes(ckpts: list[Checkpoint]) -> list[str]:
@@ -38,6 +46,34 @@ def check_same_shapes(ckpts: list[Checkpoint]) -> list[str]:
             if a.shape != b.shape:
                 raise SurgeryError(f"merge: tensor {name} has shape {a.shape} in {first.path} but {b.shape} in {other.path}")
     return sorted(first.tensors, key=param_order)
+
+
+def check_same_model(ckpts: list[Checkpoint]) -> None:
+    """Every input has the first one's model config and tokenizer; else one line naming the first difference."""
+    first = ckpts[0]
+    first_tokenizer_file = json.loads(first.tokenizer_json)
+    for other in ckpts[1:]:
+        for field in type(first.cfg).model_fields:
+            a, b = getattr(first.cfg, field), getattr(other.cfg, field)
+            if field not in NOT_COMPARED_CONFIG and a != b:
+                raise SurgeryError(f"merge: model config field {field} is {a!r} in {first.path} "
+                                   f"but {b!r} in {other.path}")
+        info_a, info_b = asdict(first.tokenizer), asdict(other.tokenizer)
+        for field in info_a:
+            if field not in NOT_COMPARED_TOKENIZER and info_a[field] != info_b[field]:
+                raise SurgeryError(f"merge: tokenizer field {field} is {_short(info_a[field])} in {first.path} "
+                                   f"but {_short(info_b[field])} in {other.path}")
+        other_tokenizer_file = json.loads(other.tokenizer_json)
+        for key in sorted(set(first_tokenizer_file) | set(other_tokenizer_file)):
+            # The values are whole vocabularies and merge lists: name the key only.
+            if first_tokenizer_file.get(key) != other_tokenizer_file.get(key):
+                raise SurgeryError(f"merge: tokenizer.json field {key} differs between {first.path} and {other.path}")
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (a chat template runs to kilobytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -81,6 +117,7 @@ def merge(sources: list[Path], out_dir: Path, weights: list[float] | None = None
 
     ckpts = [open_checkpoint(p) for p in sources]
     names = check_same_shapes(ckpts)
+    check_same_model(ckpts)  # after the shapes, so a shape difference is reported as the tensor it breaks
     first = ckpts[0]
 
     def produce(name: str) -> torch.Tensor:

@@ -18,14 +18,10 @@ from typing import Callable
 import torch
 
 from openmill.config import ModelConfig
-from openmill.export.folder import ExportError, TokenizerInfo, _param_shapes, param_order
+from openmill.export.folder import ExportError, TokenizerInfo, _param_shapes, checked_model_config, param_order
 from openmill.export.hf import _weight_files, config_from_hf, from_hf_name, tokenizer_from_hf
 from openmill.rundir import atomic_dir, atomic_write_json
-from openmill.surgery.tensorfile import TensorInfo, read_header, read_many, read_tensor, write_streaming
-
-
-class SurgeryError(ValueError):
-    """A checkpoint or an argument surgery cannot work with; the message is one line naming it."""
+from openmill.surgery.tensorfile import SurgeryError, TensorInfo, read_header, read_many, read_tensor, write_streaming
 
 
 @dataclass
@@ -61,7 +57,10 @@ def _open_openmill(path: Path) -> Checkpoint:
     meta = json.loads((path / "model.json").read_text())
     if "model" not in meta:
         raise SurgeryError(f"{path / 'model.json'}: no 'model' field (the model config)")
-    cfg = ModelConfig(**meta["model"]).resolved()
+    try:
+        cfg = checked_model_config(meta["model"], path / "model.json", prefix="model.")
+    except ExportError as e:
+        raise SurgeryError(str(e)) from None
     tensors = read_header(path / "model.safetensors")
     _check_names(path, cfg, tensors)
     return Checkpoint(path, "openmill", cfg, tensors, (path / "tokenizer.json").read_text(encoding="utf-8"),

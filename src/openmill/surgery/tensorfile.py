@@ -27,6 +27,14 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+class SurgeryError(ValueError):
+    """A checkpoint or an argument surgery cannot work with; the message is one line naming it.
+
+    Defined here, the lowest surgery module, so a bad safetensors file is one too; source.py
+    re-exports it and the CLI catches it.
+    """
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lies: its file, dtype, shape and byte range (from the file's start)."""
@@ -48,19 +56,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            raise SurgeryError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", raw)
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON)") from None
+            raise SurgeryError(f"{path}: not a safetensors file (header is not JSON)") from None
     base = 8 + n
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         if entry["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which openmill does not read")
+            raise SurgeryError(f"{path}: tensor {name} has dtype {entry['dtype']}, which openmill does not read")
         start, end = entry["data_offsets"]
         out[name] = TensorInfo(path, DTYPES[entry["dtype"]], tuple(entry["shape"]), base + start, base + end)
     return out
@@ -72,7 +80,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     with open(info.path, "rb") as f:
         f.seek(info.start)
         if f.readinto(buf) != info.nbytes:
-            raise ValueError(f"{info.path}: file ends inside a tensor (truncated?)")
+            raise SurgeryError(f"{info.path}: file ends inside a tensor (truncated?)")
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
     return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
@@ -114,7 +122,7 @@ def read_many(paths: Iterable[Path]) -> dict[str, TensorInfo]:
     for path in paths:
         for name, info in read_header(path).items():
             if name in out:
-                raise ValueError(f"{path}: tensor {name} is also in {out[name].path}")
+                raise SurgeryError(f"{path}: tensor {name} is also in {out[name].path}")
             out[name] = info
     return out
 
