@@ -2,8 +2,8 @@
 
 import pytest
 
-from openmill.generate import Engine, SamplingParams, generate_batch
-from openmill.serve.chat import run_chat
+from openmill.generate import Engine, PromptTooLong, SamplingParams, generate_batch
+from openmill.serve.chat import reply, run_chat
 from openmill.textmodel import load_text_model
 
 from .test_export_hf import make_model_folder, train_small_tokenizer
@@ -57,3 +57,18 @@ def test_chat_drops_old_turns_when_the_context_is_full(model_tok):
     history = run_chat(Engine(model, max_batch=1, max_len=64, decode=tok.decode), tok, GREEDY, read=read, write=out.append)
     assert "old message(s)" in "".join(out)
     assert history[-2]["content"] == "short" and len(tok.encode_chat(history)) <= 64
+
+
+def test_a_message_longer_than_the_context_is_named_and_dropped(model_tok):
+    """The last message alone overflows: the error gives its length and the context (it used to
+    be "max_new_tokens: invalid value -N"), the message leaves the history and the chat goes on."""
+    model, tok = model_tok
+    engine = Engine(model, max_batch=1, max_len=64, decode=tok.decode)
+    too_long = [{"role": "user", "content": "word " * 100}]
+    n = len(tok.encode_chat(too_long, add_generation_prompt=True))
+    with pytest.raises(PromptTooLong, match=f"has {n} tokens; this model's context is 64"):
+        reply(engine, tok, too_long, GREEDY, write=lambda _: None)
+    out: list[str] = []
+    history = run_chat(engine, tok, GREEDY, read=script("word " * 100, "hello"), write=out.append)
+    assert f"error: the conversation has {n} tokens; this model's context is 64" in "".join(out)
+    assert [m["content"] for m in history] == ["hello", answer(model, tok, [{"role": "user", "content": "hello"}])]

@@ -2,12 +2,20 @@
 buffer vs the full sliding-window forward, batching that changes nothing, streaming and stop
 strings, sampling processors against transformers'."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from openmill.config import GenerateConfig
+from openmill.export.folder import TokenizerInfo, write_model_folder
 from openmill.generate import Engine, SamplingParams, TextStream, generate, generate_batch
 from openmill.generate.sampling import apply_repetition_penalty, sample_next
 from openmill.model import KVCache
+from openmill.textmodel import load_text_model
+from openmill.tokenizer import BOS, EOS
+from openmill.train.pretrain import load_model_folder
+from tests.test_export_hf import make_model_folder, tokenizer_path  # noqa: F401 (fixture)
 from tests.test_model import greedy_recompute, randomised, tiny
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
@@ -202,3 +210,109 @@ def test_packed_weights_are_freed_with_their_model():
     del model
     gc.collect()
     assert not slots & set(_SLOTS)
+
+
+# ------------------------------------------------------------------- failures leave the engine usable
+
+
+def test_a_tiny_temperature_decodes_greedily_instead_of_failing():
+    """logits / 1e-40 overflows to inf and softmax gives nan; below 1e-5 the engine decodes greedily."""
+    model = randomised(tiny(), seed=3)
+    ps = prompts(2)
+    tiny_temperature = SamplingParams(max_new_tokens=16, temperature=1e-40, seed=7)
+    greedy = [r.tokens for r in generate_batch(model, ps, GREEDY)]
+    assert [r.tokens for r in generate_batch(model, ps, tiny_temperature)] == greedy
+
+
+def test_a_request_whose_sampling_fails_frees_its_row(monkeypatch):
+    """If a first token cannot be sampled, add_many frees every row it took before raising: a row
+    left holding a request without tokens would fail every later step()."""
+    import openmill.generate.engine as engine_module
+
+    model = randomised(tiny(), seed=3)
+    engine = Engine(model, max_batch=2, max_len=32)
+    ps = prompts(2)
+    real_choose, calls = engine_module.choose, []
+
+    def second_choice_fails(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real_choose(*args)
+
+    monkeypatch.setattr(engine_module, "choose", second_choice_fails)
+    with pytest.raises(RuntimeError, match="nan"):
+        engine.add_many(ps, [GREEDY, GREEDY])  # the first request got its token, the second failed
+    assert engine.free_rows == 2 and engine.step() == []
+    monkeypatch.undo()
+    seq = engine.add(ps[0], GREEDY)
+    while not seq.done:
+        engine.step()
+    assert seq.tokens == greedy_recompute(model, torch.tensor([ps[0]]), 16)[0, len(ps[0]) :].tolist()
+
+
+def test_add_many_wants_one_sampling_params_per_prompt():
+    engine = Engine(randomised(tiny()), max_batch=2, max_len=32)
+    with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
+        engine.add_many(prompts(2), [GREEDY])
+    assert engine.free_rows == 2
+
+
+def test_generate_batch_of_no_prompts_is_empty():
+    assert generate_batch(randomised(tiny()), [], GREEDY) == []
+
+
+def test_quantizing_a_packed_model_is_refused_with_the_order_to_follow():
+    from openmill.generate.quantize import quantize_model
+    from openmill.model import _onednn_linear_works
+
+    if not _onednn_linear_works():
+        pytest.skip("this PyTorch build has no usable oneDNN linear")
+    model = randomised(tiny(), seed=1)
+    assert model.pack_weights()
+    with pytest.raises(ValueError, match="quantize before packing"):
+        quantize_model(model, "int8")
+
+
+# ------------------------------------------------------------------- the generate stage and CLI verb
+
+
+def imported_folder(root: Path, tokenizer_path: Path) -> Path:
+    """A folder as an import writes it for a model with its own specials: <s> / </s> instead of
+    openmill's, BOS added before a document, </s> the only stop, no chat template."""
+    text = tokenizer_path.read_text(encoding="utf-8").replace(BOS, "<s>").replace(EOS, "</s>")
+    model, _ = load_model_folder(make_model_folder(root / "base", tokenizer_path))
+    info = TokenizerInfo(
+        bos_token="<s>", eos_token="</s>", pad_token=None, stop_tokens=["</s>"], chat_template=None, add_bos_token=True
+    )
+    write_model_folder(root / "imported", model.cfg, dict(model.state_dict()), text, info, {"test": True})
+    return root / "imported"
+
+
+def test_generate_stage_completes_from_an_imported_folder_with_its_own_bos(tmp_path, tokenizer_path):
+    from openmill.sample import complete
+
+    folder = imported_folder(tmp_path, tokenizer_path)
+    model, tok = load_text_model(folder)
+    prompt = "Alice was beginning to"
+    [sample] = complete(folder, [prompt], GenerateConfig(max_new_tokens=12, temperature=0), seed=0)
+    greedy = SamplingParams(12, temperature=0)
+    expected = generate_batch(model, [[tok.bos_id, *tok.encode(prompt)]], greedy, stop_ids=tok.stop_ids)[0].tokens
+    assert sample == {"prompt": prompt, "completion": tok.decode([t for t in expected if t not in tok.stop_ids])}
+
+
+def test_generate_stage_on_an_openmill_folder_starts_after_eos_and_is_seeded(tmp_path, tokenizer_path):
+    """Unchanged for openmill runs: a document starts after EOS (as in the shards), sampling is
+    seeded by the recipe's seed plus the prompt's index, special tokens stay in the text."""
+    from openmill.sample import complete
+
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    model, tok = load_text_model(folder)
+    cfg = GenerateConfig(prompts=["Alice was", "中华"], max_new_tokens=12)
+    samples = complete(folder, cfg.prompts, cfg, seed=5)
+    assert complete(folder, cfg.prompts, cfg, seed=5) == samples
+    for i, (prompt, sample) in enumerate(zip(cfg.prompts, samples)):
+        ids = generate(
+            model, [tok.eos_id, *tok.encode(prompt)], 12, cfg.temperature, cfg.top_k, cfg.top_p, seed=5 + i, stop_ids=tok.stop_ids
+        )
+        assert sample["completion"] == tok.decode([t for t in ids if t not in tok.stop_ids], skip_special=False)

@@ -5,6 +5,8 @@ against the engine run offline with the same greedy settings, so "complete and c
 exactly the text the model produces alone.
 """
 
+import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -12,17 +14,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from openmill.generate import SamplingParams, generate_batch  # noqa: E402
+from openmill.generate import Engine, SamplingParams, generate_batch  # noqa: E402
+from openmill.generate.engine import Request  # noqa: E402
 from openmill.serve.app import ServeLimits, create_app  # noqa: E402
-from openmill.textmodel import load_text_model  # noqa: E402
+from openmill.serve.worker import BatchWorker, Job  # noqa: E402
+from openmill.textmodel import TextTokenizer, load_text_model  # noqa: E402
 
 from .test_export_hf import make_model_folder, train_small_tokenizer  # noqa: E402
+from .test_model import randomised, tiny  # noqa: E402
 
 KEY = "sk-openmill-test"
 NAME = "tiny-test"
@@ -166,3 +172,124 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
             client(url, key).completions.create(**body)
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert client(url).completions.create(model=NAME, prompt="ok", max_tokens=2, temperature=0).choices[0].finish_reason
+
+
+# ------------------------------------------------------------------ one bad request, one absent client
+
+
+@pytest.fixture(scope="module")
+def model_tok(model_folder):
+    return load_text_model(model_folder)
+
+
+def variant(tok, **info_fields):
+    """The fixture's tokenizer with some of its folder facts changed (as another model's would be)."""
+    return TextTokenizer(tok.hf, dataclasses.replace(tok.info, **info_fields))
+
+
+REFUSING_TEMPLATE = (
+    "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with a user message') }}{% endif %}"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+)
+NO_PREFIX = dict(bos_token=None, add_bos_token=False)  # a plain document starts after nothing
+
+
+@pytest.mark.parametrize(
+    "info, path, body, param, says",
+    [
+        (NO_PREFIX, "/v1/completions", {"prompt": ""}, "prompt", "the prompt is empty"),
+        (NO_PREFIX, "/v1/completions", {"prompt": "", "stream": True}, "prompt", "the prompt is empty"),
+        ({}, "/v1/completions", {"prompt": "hi", "seed": 2**70}, "seed", "less than or equal to 9223372036854775807"),
+        ({}, "/v1/completions", {"prompt": "word " * 200}, "prompt", "context is 64"),
+        ({"chat_template": REFUSING_TEMPLATE}, "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]},
+         "messages", "refused the conversation: Conversation must start with a user message"),
+        ({"chat_template": None}, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+         "messages", "no chat template; send plain text to /v1/completions"),
+    ],
+    ids=["empty-prompt", "empty-prompt-stream", "seed-over-int64", "over-context-names-prompt", "template-refuses", "no-template"],
+)  # fmt: skip
+def test_client_mistakes_are_400s_naming_the_field(model_tok, info, path, body, param, says):
+    from fastapi.testclient import TestClient
+
+    model, tok = model_tok
+    app = create_app(model, variant(tok, **info), NAME, ServeLimits(max_batch=2, max_context=64, max_tokens=8))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post(path, json={"model": NAME, "max_tokens": 4, **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param and says in error["message"]
+        assert c.post("/v1/completions", json={"model": NAME, "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_a_tiny_temperature_answers_and_the_next_requests_still_do(model_tok):
+    """temperature 1e-40 used to fail its first sampling and leave its row without a token, which
+    failed every later step for everyone; it now decodes greedily."""
+    from fastapi.testclient import TestClient
+
+    model, tok = model_tok
+    app = create_app(model, tok, NAME, ServeLimits(max_batch=2, max_context=64, max_tokens=8))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        greedy, tiny = ({"model": NAME, "prompt": "Alice", "max_tokens": 6, "temperature": t} for t in (0, 1e-40))
+        r = c.post("/v1/completions", json=tiny)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == c.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
+        assert [c.post("/v1/completions", json=greedy).status_code for _ in range(3)] == [200] * 3
+        assert not app.state.worker.engine.active
+
+
+def test_worker_frees_a_row_that_no_job_owns():
+    """A row holding a request no job answers for (it has no tokens to decode from) is freed before
+    the next step, instead of failing that step and every one after it."""
+    model = randomised(tiny(), seed=2)
+    engine = Engine(model, max_batch=2, max_len=32)
+    engine.rows[0] = Request([1, 2, 3], SamplingParams(4, temperature=0), frozenset(), torch.Generator(), None, row=0)
+    worker = BatchWorker(engine)
+
+    async def ask() -> tuple:
+        job = Job([5, 6, 7], SamplingParams(4, temperature=0), (), asyncio.get_running_loop())
+        worker.submit(job)
+        while True:
+            event = await asyncio.wait_for(job.events.get(), timeout=30)
+            if event[0] in ("done", "error"):
+                return event
+
+    try:
+        assert [asyncio.run(ask()) for _ in range(2)] == [("done", "length", 3, 4)] * 2
+    finally:
+        worker.close()
+    assert engine.free_rows == 2
+
+
+def test_non_streaming_request_is_cancelled_when_its_client_disconnects(model_tok):
+    """A client that leaves while its completion is generated: the handler stops waiting, cancels
+    the job (its row is freed) and answers 499, instead of decoding the whole answer for nobody."""
+    from starlette.requests import Request as HTTPRequest
+
+    model, tok = model_tok
+    app = create_app(model, tok, NAME, ServeLimits(max_batch=2, max_context=64, max_tokens=32))
+    worker = app.state.worker
+    endpoint = next(r.endpoint for r in app.routes if getattr(r, "path", None) == "/v1/completions")
+    body = json.dumps({"model": NAME, "prompt": "Alice", "max_tokens": 32, "temperature": 0}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():  # the body, then the client is gone
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+
+    async def scenario():
+        response = await endpoint(HTTPRequest(scope, receive))
+        for _ in range(300):  # the worker drops the cancelled job at its next step
+            if not worker.engine.active and not worker.jobs:
+                break
+            await asyncio.sleep(0.01)
+        return response
+
+    loop = asyncio.new_event_loop()
+    try:
+        response = loop.run_until_complete(scenario())
+    finally:
+        worker.close()  # before the loop closes: the worker emits events into it
+        loop.close()
+    assert response.status_code == 499
+    assert not worker.engine.active and not worker.jobs

@@ -1,4 +1,4 @@
-"""The `generate` stage and CLI verb: text samples from a trained model folder."""
+"""The `generate` stage and CLI verb: text samples from a trained or imported model folder."""
 
 from __future__ import annotations
 
@@ -7,28 +7,29 @@ from pathlib import Path
 from openmill.config import GenerateConfig, Recipe
 from openmill.generate import generate
 from openmill.rundir import atomic_write_json
-from openmill.tokenizer import Tokenizer
+from openmill.textmodel import load_text_model
 
 
 def complete(model_dir: Path, prompts: list[str], cfg: GenerateConfig, seed: int) -> list[dict]:
-    from openmill.train.pretrain import load_model_folder
-
-    model, _ = load_model_folder(model_dir)
-    tok = Tokenizer.load(Path(model_dir) / "tokenizer.json")
+    # The folder's own rules, openmill-trained or imported: what a document starts after (EOS for
+    # openmill's shards, BOS for a model that adds one) and which ids end a generation.
+    model, tok = load_text_model(model_dir)
+    stop_ids = tok.stop_ids
     samples = []
     for i, prompt in enumerate(prompts):
         ids = generate(
             model,
-            # Shards separate documents with EOS (no BOS), so EOS is what a document starts after.
-            [tok.eos_id, *tok.encode(prompt)],
+            tok.document_prefix() + tok.encode(prompt),
             cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
             seed=seed + i,
-            stop_ids=(tok.eos_id,),
+            stop_ids=stop_ids,
         )
-        samples.append({"prompt": prompt, "completion": tok.decode([t for t in ids if t != tok.eos_id])})
+        # Special tokens other than the stop stay visible, as openmill's own tokenizer decodes them.
+        completion = tok.decode([t for t in ids if t not in stop_ids], skip_special=False)
+        samples.append({"prompt": prompt, "completion": completion})
     return samples
 
 

@@ -107,7 +107,10 @@ class Engine:
     @torch.no_grad()
     def add_many(self, prompts: list[list[int]], params: list[SamplingParams], stop_ids: Sequence[int] = ()) -> list[Request]:
         """Prefill several prompts into free rows, each run of adjacent rows in one forward (one
-        read of the weights instead of one per prompt), and sample their first tokens."""
+        read of the weights instead of one per prompt), and sample their first tokens. If any of
+        them fails (a forward, a sampling), every row taken here is freed before the error goes up."""
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params: give one per prompt")
         for prompt in prompts:
             if not prompt:
                 raise ValueError("empty prompt: give at least one token (e.g. BOS)")
@@ -125,13 +128,20 @@ class Engine:
                 stream=TextStream(self.decode, p.stop) if self.decode else None,
                 row=row,
             )
-            for row, prompt, p in zip(free, prompts, params, strict=False)
+            for row, prompt, p in zip(free[: len(prompts)], prompts, params, strict=True)
         ]
-        run = 0
-        for i in range(1, len(seqs) + 1):
-            if i == len(seqs) or seqs[i].row != seqs[i - 1].row + 1:
-                self._prefill(seqs[run:i])
-                run = i
+        try:
+            run = 0
+            for i in range(1, len(seqs) + 1):
+                if i == len(seqs) or seqs[i].row != seqs[i - 1].row + 1:
+                    self._prefill(seqs[run:i])
+                    run = i
+        except Exception:
+            # The caller never gets these requests: a row left holding one (without a first token,
+            # or with nobody to read it) would break or waste every later step.
+            for seq in seqs:
+                self.cancel(seq)
+            raise
         return seqs
 
     def _prefill(self, seqs: list[Request]) -> None:
@@ -214,6 +224,8 @@ def generate_batch(
     """Generate for every prompt (different lengths welcome), up to `max_batch` rows at a time;
     results in prompt order. Sampled tokens do not depend on the batching (one generator each).
     compile: torch.compile the decode step (Engine's docstring)."""
+    if not prompts:
+        return []
     params = params if isinstance(params, list) else [params] * len(prompts)
     longest = max(len(p) + q.max_new_tokens for p, q in zip(prompts, params, strict=True))
     engine = Engine(model, max_batch=min(max_batch or len(prompts), len(prompts)), max_len=longest, decode=decode, compile=compile)

@@ -83,6 +83,9 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Modu
     packed kernels used here are PyTorch's CPU ones."""
     if mode not in MODES:
         raise ValueError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
+    # Packed weights are plain attributes, not buffers, so the fused check below cannot see them.
+    if getattr(model, "is_packed", False):
+        raise ValueError("quantize: the model's weights are packed (pack_weights); quantize before packing")
     if any(name.endswith(("qkv_weight", "gate_up_weight")) for name, _ in model.named_buffers()):
         raise ValueError("quantize: the model's projections are fused (fuse_projections); quantize before fusing")
     for parent in list(model.modules()):

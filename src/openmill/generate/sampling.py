@@ -45,11 +45,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
+# Below this temperature sampling is greedy: dividing fp32 logits by, say, 1e-40 overflows to inf and
+# softmax turns that into nan probabilities, which torch.multinomial refuses.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
-    if temperature == 0:
+    """logits (B, V) -> next token ids (B,); greedy at temperature 0, and below GREEDY_BELOW_TEMPERATURE."""
+    if temperature < GREEDY_BELOW_TEMPERATURE:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):

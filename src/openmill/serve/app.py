@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Request  # the `serve` extra; FastAPI resolves handler annotations from module globals
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from openmill.export.folder import ExportError
 from openmill.generate import Engine, SamplingParams
 from openmill.serve.worker import BatchWorker, Job
 from openmill.textmodel import TextTokenizer
+
+# How often a non-streaming request checks that its client is still there while it waits for the
+# next token (a streaming response learns it from Starlette, which closes the event generator).
+DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)  # extension (vLLM's name)
     repetition_penalty: float = Field(1.0, gt=0)  # extension
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes (int64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
@@ -89,9 +95,12 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
     async def _api_error(_, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def parse(request: Request, kind: type[_Request]) -> _Request:
+    def check_api_key(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
+
+    async def parse(request: Request, kind: type[_Request]) -> _Request:
+        check_api_key(request)
         try:
             data = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -106,13 +115,20 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
             raise APIError(404, f"the model {req.model!r} does not exist (this server has {name!r})", param="model", code="model_not_found")
         return req
 
-    def sampling(req: _Request, n_prompt: int) -> SamplingParams:
+    def sampling(req: _Request, n_prompt: int, prompt_param: str) -> SamplingParams:
+        """prompt_param: the request field the prompt came from ("prompt" or "messages"), for errors."""
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if asked is not None and asked > limits.max_tokens:
             raise APIError(400, f"max_tokens: {asked} is over this server's limit of {limits.max_tokens}", param="max_tokens")
+        if n_prompt == 0:  # an empty prompt for a model that starts documents with no BOS
+            message = f"{prompt_param}: the prompt is empty; give at least one character of text"
+            raise APIError(400, message, param=prompt_param)
         if n_prompt >= context:
             raise APIError(
-                400, f"the prompt has {n_prompt} tokens; this model's context is {context}", param="messages", code="context_length_exceeded"
+                400,
+                f"the prompt has {n_prompt} tokens; this model's context is {context}",
+                param=prompt_param,
+                code="context_length_exceeded",
             )
         room = context - n_prompt
         max_new = min(asked if asked is not None else limits.default_max_tokens, room)
@@ -123,12 +139,27 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
     def usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def run(job: Job, request: Request):
-        """Yield the job's events until it is done; cancel it if the client disconnects."""
+    async def next_event(job: Job, request: Request | None) -> tuple | None:
+        """The job's next event, or None once `request`'s client has disconnected."""
+        if request is None:
+            return await job.events.get()
+        while not await request.is_disconnected():
+            try:
+                return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def run(job: Job, request: Request | None):
+        """Yield the job's events until it is done; cancel it if the client disconnects.
+        request: the client to watch, for a non-streaming response (None for a streaming one,
+        whose generator Starlette closes when its client goes, which runs the `finally`)."""
         worker.submit(job)
         try:
             while True:
-                event = await job.events.get()
+                event = await next_event(job, request)
+                if event is None:
+                    return
                 yield event
                 if event[0] in ("done", "error"):
                     return
@@ -136,7 +167,7 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
             job.cancelled = True  # no-op once done
 
     async def respond(req: _Request, prompt: list[int], request: Request, chat: bool):
-        params = sampling(req, len(prompt))
+        params = sampling(req, len(prompt), "messages" if chat else "prompt")
         job = Job(prompt, params, tokenizer.stop_ids, asyncio.get_running_loop())
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": name}
@@ -149,6 +180,8 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
                     raise APIError(500, event[1], "server_error")
                 else:
                     done = event
+            if done is None:  # the client went away: the job is cancelled, nobody reads this
+                return Response(status_code=499)  # nginx's "client closed request"
             _, reason, n_prompt, n_out = done
             choice = {"index": 0, "finish_reason": reason}
             if chat:
@@ -175,7 +208,7 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
         async def events():
             if chat:
                 yield chunk(None, None, role=True)
-            async for event in run(job, request):
+            async for event in run(job, None):
                 if event[0] == "delta":
                     yield chunk(event[1], None)
                 elif event[0] == "error":
@@ -196,8 +229,7 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
 
     @app.get("/v1/models")
     async def models(request: Request):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
+        check_api_key(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "openmill"}]}
 
     @app.post("/v1/completions")
@@ -212,10 +244,20 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
-        ids = tokenizer.encode_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
+        try:
+            ids = tokenizer.encode_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
+        except (ValueError, TemplateError) as e:  # ExportError (no chat template) is a ValueError
+            raise APIError(400, f"messages: {chat_template_refusal(e)}", param="messages") from None
         return await respond(req, ids, request, chat=True)
 
     return app
+
+
+def chat_template_refusal(e: Exception) -> str:
+    """What a client should do when the model's chat template cannot take its conversation."""
+    if isinstance(e, ExportError):  # raised before rendering: the folder has no template at all
+        return "this model has no chat template; send plain text to /v1/completions instead"
+    return f"this model's chat template refused the conversation: {e} (check the roles and their order)"
 
 
 def serve(folder, host: str, port: int, name: str | None, limits: ServeLimits, api_key: str | None, quantize: str | None = None):

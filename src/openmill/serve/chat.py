@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from openmill.generate import Engine, SamplingParams
+from openmill.generate import Engine, PromptTooLong, SamplingParams
 from openmill.textmodel import TextTokenizer
 
 
@@ -20,6 +20,8 @@ def reply(engine: Engine, tok: TextTokenizer, messages: list[dict], params: Samp
     """Stream the assistant's answer to `messages` through `write`; return its text."""
     ids = tok.encode_chat(messages, add_generation_prompt=True)
     room = engine.max_len - len(ids)
+    if room <= 0:  # checked here: a negative max_new_tokens would fail as a bad sampling setting
+        raise PromptTooLong(f"the conversation has {len(ids)} tokens; this model's context is {engine.max_len}")
     seq = engine.add(ids, replace(params, max_new_tokens=min(params.max_new_tokens, room)), tok.stop_ids)
     write(seq.delta)
     while not seq.done:

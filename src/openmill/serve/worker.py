@@ -35,7 +35,7 @@ class BatchWorker:
         self.engine = engine
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.jobs: dict[int, Job] = {}  # engine row -> job
-        self.steps = 0  # batched decode forwards, and the rows they carried (for the tests and /health)
+        self.steps = 0  # batched decode forwards, and the rows they carried (for the tests)
         self.rows_decoded = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="openmill-engine", daemon=True)
@@ -60,19 +60,24 @@ class BatchWorker:
                     self._admit(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            for row, job in list(self.jobs.items()):
-                if job.cancelled:
-                    self.engine.cancel(self.engine.rows[row])
-                    del self.jobs[row]
+            for seq in self.engine.active:
+                job = self.jobs.get(seq.row)
+                # A row no job owns answers nobody: left in, it costs every step (or fails it, if it
+                # never got a first token).
+                if job is None or job.cancelled:
+                    self.engine.cancel(seq)
+                    self.jobs.pop(seq.row, None)
             if not self.engine.active:
                 continue
             try:
                 advanced = self.engine.step()
             except Exception as e:  # noqa: BLE001 (report to every client in the batch, keep serving)
-                for row, job in self.jobs.items():
-                    self.engine.cancel(self.engine.rows[row])
+                for job in self.jobs.values():
                     job.emit("error", f"generation failed: {e}")
                 self.jobs.clear()
+                # Free every row, owned or not: one left behind would fail the same way next step.
+                for seq in self.engine.active:
+                    self.engine.cancel(seq)
                 continue
             self.steps += 1
             self.rows_decoded += len(advanced)
