@@ -1,7 +1,9 @@
 """HeuriMentor: the underlearned rule and repetition caps, bit-exact resume after SIGKILL across
 mixture changes and a phase transition, live control, each loss-spike response applied (skip the
-update, rewind and skip the window, down-weight the source), a phase ended by a plateau, no host
-reads in the per-step hooks, 2 -> 1 process resume."""
+update, rewind and skip the window, down-weight the source), a non-finite step skipped without
+ending the run, a spike pending at SIGTERM acted on before its checkpoint, no checkpoint of
+non-finite weights, a spike on one of 2 processes answered alike by both, a phase ended by a
+plateau, no host reads in the per-step hooks, 2 -> 1 process resume."""
 
 import contextlib
 import copy
@@ -26,6 +28,7 @@ from openmill.data.dmu import DataManagementUnit
 from openmill.data.mixture import MixtureSampler
 from openmill.data.shards import TokenShards
 from openmill.stages import run_recipe
+from openmill.train.control import control_path
 from openmill.train.engine import Trainer
 from openmill.train.heurimentor import HeuriMentor
 from openmill.train.metrics import read_metrics
@@ -126,12 +129,18 @@ def test_live_control_changes_the_realized_mixture_and_refuses_bad_values(prepar
         if trainer.state.step == 4:
             outputs.append(CliRunner().invoke(app, ["control", str(root), "--set", "data.weights.zh=0.8"]))
         if trainer.state.step == 12:
-            outputs.append(CliRunner().invoke(app, ["control", str(root), "--set", "data.weights.zh=1.5"]))
+            # The CLI checks a setting as the job will and refuses it, leaving the file as it was ...
+            for bad in ("data.weights.zh=1.5", "data.weights.cod=0.5"):
+                outputs.append(CliRunner().invoke(app, ["control", str(root), "--set", bad]))
+            # ... so a bad value reaches the job only from a hand-edited file.
+            control_path(root).write_text("data.weights.zh: 1.5\n")
         return real(self, trainer)
 
     monkeypatch.setattr(HeuriMentor, "at_boundary", operator)
     run_recipe(recipe, ["pretrain"])
-    assert [o.exit_code for o in outputs] == [0, 0]
+    assert [o.exit_code for o in outputs] == [0, 2, 2]
+    assert "data.weights.zh: expected a share in [0, 1], got 1.5" in outputs[1].output
+    assert "data.weights.cod: unknown source; choices: en, zh, code" in outputs[2].output
     (applied,) = events(root, "control")
     (refused,) = events(root, "control_refused")
     assert applied["step"] == 4 and applied["weights"]["zh"] == pytest.approx(0.8)
@@ -261,6 +270,190 @@ def test_garbage_window_spike_is_flagged_and_the_source_downweighted(prepared, t
     report = (root / "pretrain" / "report.md").read_text()
     assert "| spike |" in report and "| rewind |" in report
     assert (root / "pretrain" / "loss_per_source.png").stat().st_size > 1000
+
+
+def blow_up_loss(monkeypatch, at_step, factor):
+    """The loss of the batch trained at loop step `at_step` (0-based) is multiplied by `factor`
+    (inf or nan: a numerical blow-up). Returns a function that ends the injection."""
+    real_init = Trainer.__init__
+    active = [True]
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        loss_fn = self.loss_fn
+
+        def blown(model, inputs, targets, extra):
+            loss = loss_fn(model, inputs, targets, extra)
+            return loss * factor if active[0] and self.state.step == at_step else loss
+
+        self.loss_fn = blown
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+
+    def stop():
+        active[0] = False
+
+    return stop
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_skip_update_drops_a_non_finite_step_and_the_run_goes_on(prepared, tmp_path, monkeypatch, log_every):
+    extra = ["pretrain.phases=[]", f"pretrain.log_every={log_every}", "pretrain.monitor.spike.response=skip_update"]
+    recipe, root = fresh_run(prepared, tmp_path, extra)
+    blow_up_loss(monkeypatch, at_step=2, factor=float("inf"))
+    lr_steps = []
+    real_lr = HeuriMentor.lr
+    monkeypatch.setattr(HeuriMentor, "lr", lambda self, step, cfg: lr_steps.append(step) or real_lr(self, step, cfg))
+    run_recipe(recipe, ["pretrain"])
+    assert [e["step"] for e in events(root, "skip_update")] == [3]
+    assert (root / "pretrain" / "final" / "model.safetensors").is_file()  # the run finished
+    # The dropped step's loss is no part of the curve: the other steps of its window are logged;
+    # a window of the dropped step alone (log_every 1) logs no loss.
+    logged = losses(root)
+    assert sorted(logged) == [s for s in range(log_every, 13, log_every) if s != 3]
+    assert all(math.isfinite(v) for v in logged.values())
+    assert lr_steps == list(range(12))  # one learning rate per step, the one applied and logged
+    # Nor of the spike test's history (an inf there would blind the test for `window` steps).
+    trainer = torch.load(root / "pretrain" / "checkpoints" / "step_000012" / "trainer.pt", weights_only=False)
+    assert trainer["extra"]["monitor"]["history"].isfinite().all()
+
+
+def sigterm_at(monkeypatch, step):
+    """SIGTERM arrives as step `step` (counted like the logged steps) has finished."""
+    real_boundary = HeuriMentor.at_boundary
+
+    def terminated(self, trainer):
+        if trainer.state.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler of sigterm_checkpoints asks for a stop
+        return real_boundary(self, trainer)
+
+    monkeypatch.setattr(HeuriMentor, "at_boundary", terminated)
+    return lambda: monkeypatch.setattr(HeuriMentor, "at_boundary", real_boundary)
+
+
+# One process checks for SIGTERM every step but reads spikes at log steps (every 4 here): the NaN
+# update of step 6 is still unread when SIGTERM's checkpoint is due at step 6.
+NAN_AT_STEP_6 = ["pretrain.phases=[]", "pretrain.log_every=4"]
+
+
+def test_sigterm_with_a_spike_not_yet_read_checkpoints_the_response_not_the_spike(prepared, tmp_path, monkeypatch):
+    recipe, root = fresh_run(prepared, tmp_path, NAN_AT_STEP_6 + ["pretrain.monitor.spike.response=rewind"])
+    stop_blowing_up = blow_up_loss(monkeypatch, at_step=5, factor=float("nan"))
+    no_more_sigterm = sigterm_at(monkeypatch, 6)
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(recipe, ["pretrain"])
+    assert stopped.value.code == 0
+    told = [e for e in records(root) if e.get("event") in ("spike", "rewind", "sigterm")]
+    assert [e["event"] for e in told] == ["spike", "rewind", "sigterm"]
+    spike, rewind, sigterm = told
+    assert spike["spike_step"] == 6 and rewind["to_step"] == 4 and rewind["skipped_data_steps"] == [4, 6]
+    assert sigterm["checkpoint"] == "step_000004"  # the rewound state, not step 6's NaN weights
+    checkpoints = root / "pretrain" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004"]
+    assert all(w.isfinite().all() for w in load_file(str(checkpoints / "step_000004" / "model.safetensors")).values())
+
+    stop_blowing_up()
+    no_more_sigterm()
+    drawn = []
+    inject_garbage(monkeypatch, recipe, set(), drawn)  # no garbage: records the data steps drawn
+    run_recipe(recipe, ["pretrain"])
+    assert drawn == list(range(6, 14))  # from step 4, past the skipped window (data steps 4-5)
+    resumed = losses(root)
+    assert max(resumed) == 12 and all(math.isfinite(v) for v in resumed.values())
+    assert len(events(root, "rewind")) == 1  # the resumed run met no spike
+
+
+def test_non_finite_weights_are_never_checkpointed(prepared, tmp_path, monkeypatch):
+    recipe, root = fresh_run(prepared, tmp_path, NAN_AT_STEP_6 + ["pretrain.monitor.spike.response=none"])
+    blow_up_loss(monkeypatch, at_step=5, factor=float("nan"))
+    sigterm_at(monkeypatch, 6)
+    with pytest.raises(FloatingPointError, match="weights are not finite at step 6"):
+        run_recipe(recipe, ["pretrain"])
+    assert events(root, "spike")[0]["spike_step"] == 6  # told, with nothing done about it ("none")
+    assert sorted(p.name for p in (root / "pretrain" / "checkpoints").iterdir()) == ["step_000004"]
+
+
+# Run by torchrun in the 2-process test: the batch of data step 5 spikes on rank 1 only (its loss
+# x50, as after a corrupt read on one host); each rank writes down what it decided and holds.
+ONE_RANK_SPIKE = """
+import hashlib, json, os, sys
+import torch
+from openmill.config import load_recipe
+from openmill.data.mixture import MixtureSampler
+from openmill.stages import run_recipe
+from openmill.train.engine import Trainer
+from openmill.train.heurimentor import HeuriMentor
+
+recipe_file, out, *overrides = sys.argv[1:]
+rank = int(os.environ["RANK"])
+drawn, skipped, run = [], [], {}
+
+real_batch = MixtureSampler.batch
+def batch(self, step, *args, **kwargs):
+    drawn.append(step)
+    return real_batch(self, step, *args, **kwargs)
+MixtureSampler.batch = batch
+
+real_init = Trainer.__init__
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    run["trainer"], loss_fn = self, self.loss_fn
+    def spiking(model, inputs, targets, extra):
+        loss = loss_fn(model, inputs, targets, extra)
+        return loss * 50.0 if rank == 1 and drawn[-1] == 5 else loss
+    self.loss_fn = spiking
+Trainer.__init__ = init
+
+real_allow = HeuriMentor.allow_update
+def allow_update(self, step, loss):
+    run["mentor"] = self
+    applied = real_allow(self, step, loss)
+    if not applied:
+        skipped.append(step)
+    return applied
+HeuriMentor.allow_update = allow_update
+
+run_recipe(load_recipe(recipe_file, overrides), ["pretrain"])
+weights = torch.cat([p.detach().flatten() for p in run["trainer"].raw.parameters()])
+result = {"skipped": skipped, "drawn": drawn, "mixture": run["mentor"].dmu.weights,
+          "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.mark.parametrize("response", ["skip_update", "downweight"])
+def test_a_spike_on_one_process_gets_the_same_response_on_every_process(prepared, tmp_path, response):
+    root = tmp_path / "run"
+    shutil.copytree(prepared, root)
+    script = tmp_path / "one_rank_spike.py"
+    script.write_text(ONE_RANK_SPIKE)
+    overrides = SMALL + [
+        f"run_dir={root}", "pretrain.parallel=ddp", "pretrain.steps=8", "pretrain.phases=[]",
+        "pretrain.monitor.spike.min_steps=3", "pretrain.monitor.spike.window=4",
+        f"pretrain.monitor.spike.response={response}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*torchrun, str(script), str(TINY), str(tmp_path), *overrides]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1  # the same updates skipped, data drawn, mixture and final weights, bit for bit
+    (spike,) = events(root, "spike")  # judged on the global batch: rank 1's x50 makes it x25.5
+    assert spike["spike_step"] == 6 and spike["batch_loss"] > 20 * spike["mean"]
+    if response == "skip_update":
+        assert rank0["skipped"] == [5] and rank0["drawn"] == list(range(8))
+    else:
+        (rewind,) = events(root, "rewind")
+        source = rewind["downweighted"]
+        recipe = load_recipe(TINY, overrides)
+        before = recipe.domain_weights(recipe.pretrain.mixture)
+        assert rewind["to_step"] == 4 and rank0["mixture"] == pytest.approx(rewind["weights"])
+        assert rank0["mixture"][source] < before[source]
+        assert rank0["skipped"] == [] and rank0["drawn"] == list(range(10))  # steps 4-7 redone on data 6-9
+    # Only the main process tells: each decision is printed once.
+    assert out.stdout.count("[heurimentor] step 6: spike") == 1
 
 
 @pytest.mark.parametrize("end_on_plateau", [True, False])

@@ -97,8 +97,17 @@ def write_settings(run: Path, overrides: list[str]) -> Path:
     settings = settings or {}
     for text in overrides:
         key, value = parse_override(text)
-        if key != "lr_scale" and not key.startswith("data.weights."):
-            raise ControlError(f"{key}: unknown control key; valid: data.weights.<source>, lr_scale")
         settings[key] = value
+    # Checked as the job will check it: the job refuses a file with any bad entry as a whole, so a
+    # typo written here would block every later setting too.
+    validate(settings, {domain: 1.0 for domain in _run_domains(run)})
     atomic_write_text(path, yaml.safe_dump(settings, sort_keys=True))
     return path
+
+
+def _run_domains(run: Path) -> list[str]:
+    """The data domains of the recipe the run was started with (RUN/recipe.yaml)."""
+    path = Path(run) / "recipe.yaml"
+    if not path.is_file():
+        raise ControlError(f"{path}: missing (every run directory has the recipe it was started with)")
+    return list(yaml.safe_load(path.read_text(encoding="utf-8"))["data"]["domains"])

@@ -14,9 +14,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from openmill.config import PretrainConfig
@@ -84,6 +85,16 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
 
 
+def autocast_context(dtype: str, device: torch.device):
+    """The context every training and evaluation forward runs in. Forwards made outside the loop
+    that the loop's must equal (DPO's reference log-probs) use it too.
+
+    auto = bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are far slower than fp32 on CPUs
+    without AMX); bf16 asks for autocast on either device, fp32 for none."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
 class TrainingHooks:
     """What the loop lets an observer/controller do (train/heurimentor.py is the full one); the
     defaults change nothing. Every hook runs at a step boundary or on device without a host sync,
@@ -97,7 +108,9 @@ class TrainingHooks:
         return contextlib.nullcontext()
 
     def allow_update(self, step: int, loss: torch.Tensor) -> bool:
-        """After the backward of step `step`: False drops the optimizer step."""
+        """After the backward of step `step` (`loss`: this process's): False drops the optimizer
+        step. Under torchrun every process must answer the same (a collective decision), or the
+        replicas drift apart."""
         return True
 
     def at_boundary(self, trainer: "Trainer") -> None:
@@ -112,6 +125,14 @@ class TrainingHooks:
 
     def before_save(self, trainer: "Trainer", step: int) -> None:
         """At checkpoint steps, before the checkpoint is written (weight statistics)."""
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # this process's mean loss (device scalar: no host sync)
+    grad_norm: torch.Tensor
+    tokens: int  # over all processes
+    lr: float
+    applied: bool  # False: a hook dropped the optimizer update (skip_update)
 
 
 @dataclass
@@ -147,12 +168,7 @@ class Trainer:
         fused = world.device.type == "cuda" or world.size == 1
         self.optimizer = make_optimizer(model, cfg, fused=fused)
         self.state = TrainState()
-        # auto = bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are far slower than fp32 on
-        # CPUs without AMX); bf16 asks for autocast on either device, fp32 for none.
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and world.device.type == "cuda")
-        self.autocast = (
-            torch.autocast(world.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-        )
+        self.autocast = autocast_context(cfg.dtype, world.device)
 
     # ------------------------------------------------------------------------------ resumption
 
@@ -170,6 +186,10 @@ class Trainer:
         return True
 
     def save(self) -> None:
+        """Collective. A checkpoint is a restart point a rewind trusts: weights that are not finite
+        are refused (FloatingPointError) rather than saved as good."""
+        if not self._weights_finite():
+            raise FloatingPointError(f"weights are not finite at step {self.state.step}; no checkpoint written")
         extra = {name: obj.state_dict() for name, obj in self.stateful.items()}
         ckpt.save_checkpoint(
             self.out_dir / "checkpoints",
@@ -180,6 +200,16 @@ class Trainer:
             {**self.meta, "tokens": self.state.tokens},
             keep=self.cfg.keep_checkpoints,
         )
+
+    def _weights_finite(self) -> bool:
+        """Collective under torchrun (FSDP2 shards: each process checks its own)."""
+        bad = torch.zeros((), device=self.world.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).any()
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        return not bool(bad)
 
     # ------------------------------------------------------------------------------- the loop
 
@@ -193,8 +223,8 @@ class Trainer:
             self.model.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step. Returns (mean loss, grad norm) as tensors (no host sync) and tokens."""
+    def train_step(self) -> StepResult:
+        """One optimizer step (or a dropped one, when a hook says so); no host sync of its own."""
         cfg, step = self.cfg, self.state.step
         lr = self.hooks.lr(step, cfg)
         for group in self.optimizer.param_groups:
@@ -217,10 +247,11 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         else:
             norm = torch.zeros(())
-        if self.hooks.allow_update(step, total):
+        applied = self.hooks.allow_update(step, total)
+        if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, norm, tokens * self.world.size
+        return StepResult(total, norm, tokens * self.world.size, lr, applied)
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -244,21 +275,25 @@ class Trainer:
         else:
             first_eval = None
         last_eval = first_eval
+        # The logged loss is the mean over the window's applied steps: a dropped update's loss
+        # (a spike, maybe inf) is no part of the trained curve and must not end the run it spared.
         running, window_tokens, t0 = torch.zeros((), device=self.world.device), 0, time.perf_counter()
         window_steps = 0
         self.model.train()
         while self.state.step < cfg.steps:
             self.hooks.at_boundary(self)
-            lr = self.hooks.lr(self.state.step, cfg)
-            loss, norm, tokens = self.train_step()
+            result = self.train_step()
             self.state.step += 1
-            self.state.tokens += tokens
-            running += loss
-            window_tokens += tokens
-            window_steps += 1
+            self.state.tokens += result.tokens
+            window_tokens += result.tokens
+            if result.applied:  # the same on every process (TrainingHooks.allow_update)
+                running += result.loss
+                window_steps += 1
+                norm = result.grad_norm
             step = self.state.step
             if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.checkpoint_every == 0:
-                mean_loss = all_reduce_mean(running / window_steps).item()  # the one host sync per log
+                # the one host sync per log; a window whose every update was dropped logs no loss
+                mean_loss = all_reduce_mean(running / window_steps).item() if window_steps else None
                 tps = window_tokens / (time.perf_counter() - t0)
                 running.zero_()
                 window_tokens, window_steps = 0, 0
@@ -266,19 +301,21 @@ class Trainer:
                 if self.state.step != step:
                     t0 = time.perf_counter()
                     continue
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss is {mean_loss} at step {step}")
+                trained = {}
+                if mean_loss is not None:
+                    if not math.isfinite(mean_loss):
+                        raise FloatingPointError(f"loss is {mean_loss} at step {step}")
+                    trained = {"loss": mean_loss, "grad_norm": float(norm)}
                 metrics.log(
                     step,
-                    loss=mean_loss,
-                    grad_norm=float(norm),
-                    lr=lr,
+                    **trained,
+                    lr=result.lr,
                     tokens=self.state.tokens,
                     tokens_per_s=tps,
                     mfu=tps * fpt / (peak * self.world.size),
                     **extra,
                 )
-                if progress is not None:
+                if progress is not None and mean_loss is not None:
                     progress(step, mean_loss, tps)
                 t0 = time.perf_counter()
             if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -1,10 +1,11 @@
 """HeuriMentor's Adaptive Training Engine: the hooks that tie the data unit (data/dmu.py), the
 monitor (train/monitor.py) and live control (train/control.py) into the training loop.
 
-At each step boundary: phase changes on budget, live control, SIGTERM (checkpoint, then a clean
-exit). At log steps: the monitor's per-source losses and spike verdict; a spike gets the configured
-response (none / skip_update / rewind / downweight). After each validation: the mixture policy and
-the plateau test (which may end a phase). Before each checkpoint: the weight trajectory.
+At each step boundary: phase changes on budget, live control, SIGTERM (a pending spike's response,
+a checkpoint, then a clean exit). At log steps: the monitor's per-source losses and spike verdict;
+a spike gets the configured response (none / skip_update / rewind / downweight). After each
+validation: the mixture policy and the plateau test (which may end a phase). Before each
+checkpoint: the weight trajectory.
 Every decision is an event: one `{"step", "event", ...}` line in metrics.jsonl and a log line.
 """
 
@@ -29,7 +30,9 @@ from openmill.train.parallel import World
 
 class HeuriMentor(TrainingHooks):
     def __init__(self, cfg: PretrainConfig, dmu: DataManagementUnit, monitor: TrainingMonitor, world: World, run_dir: Path, log=print):
-        self.cfg, self.dmu, self.monitor, self.world, self.log = cfg, dmu, monitor, world, log
+        self.cfg, self.dmu, self.monitor, self.world = cfg, dmu, monitor, world
+        # Every process takes the same decisions; one of them tells (as the Trainer's log does).
+        self.log = log if world.is_main else (lambda *a, **k: None)
         self.control = ControlFile(control_path(run_dir))
         self.rewinds = 0  # per process, not checkpointed: a rewind must not undo its own count
         self.stop_requested = False
@@ -76,6 +79,7 @@ class HeuriMentor(TrainingHooks):
         return self.monitor.capture(tags)
 
     def allow_update(self, step: int, loss: torch.Tensor) -> bool:
+        # The verdict is on the global batch (observe is collective): every process skips alike.
         flag = self.monitor.observe(step, loss)
         if self.cfg.monitor.spike.response != "skip_update":
             return True
@@ -106,8 +110,14 @@ class HeuriMentor(TrainingHooks):
         if polled is not None:
             self._apply_control(trainer, step, polled[1])
         if stop:
+            # A spike observed since the last log step is acted on first (with one process the
+            # boundary is checked every step), so the checkpoint holds what the response leaves: a
+            # rewind's weights and skipped window, a down-weighted mixture. Saved as it is, the
+            # spiked update would be a good restart point and the spike forgotten.
+            self._read_monitor(trainer, step)
             trainer.save()
-            self.event(trainer, step, {"event": "sigterm", "checkpoint": f"step_{step:06d}"})
+            saved = trainer.state.step  # earlier than `step` after a rewind
+            self.event(trainer, saved, {"event": "sigterm", "checkpoint": f"step_{saved:06d}"})
             raise SystemExit(0)
 
     def _apply_control(self, trainer: Trainer, step: int, settings: dict) -> None:
@@ -124,15 +134,21 @@ class HeuriMentor(TrainingHooks):
             self.dmu.state["lr_scale"] = lr_scale
         self.event(trainer, step, {"event": "control", "settings": settings, "weights": self.dmu.weights})
 
-    def at_log(self, trainer: Trainer, step: int) -> dict:
+    def _read_monitor(self, trainer: Trainer, step: int) -> dict:
+        """The monitor's reading since the last one; its skipped updates are logged and its spike
+        gets the configured response (which may rewind the trainer)."""
         read = self.monitor.read()
         for skipped in self.skipped:
             self.event(trainer, skipped + 1, {"event": "skip_update", "reason": "loss spike"})
         self.skipped.clear()
         if read["spike"] is not None:
             self._spike(trainer, step, read["spike"])
-            if trainer.state.step != step:
-                return {}
+        return read
+
+    def at_log(self, trainer: Trainer, step: int) -> dict:
+        read = self._read_monitor(trainer, step)
+        if trainer.state.step != step:  # rewound
+            return {}
         out = {f"train/{s}/loss": v for s, v in read["train_loss"].items()}
         out.update({f"mix/{s}": w for s, w in self.dmu.weights.items()})
         out.update({f"seen/{s}": n for s, n in self.dmu.state["seen"].items()})

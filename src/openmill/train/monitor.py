@@ -2,8 +2,10 @@
 
 Per step everything stays on the device: per-token losses (from the fused loss, fused_loss.py)
 are summed per source with index_add_, and the spike test (loss > mean + k std of the last
-`window` step losses, or not finite) writes its verdict into small device tensors. The host reads
-them only at log steps (`read`), so the monitor adds no host-device synchronisation to a step;
+`window` step losses, or not finite) writes its verdict into small device tensors. Under torchrun
+the step's numbers are summed over the processes first (one small all-reduce on the device), so
+every process reaches the same verdict. The host reads them only at log steps (`read`), so the
+monitor adds no host-device synchronisation to a step;
 its own host time is measured and logged as `monitor_fraction` (share of wall time).
 
 Plateau detection runs on validation results (host values already). The weight trajectory is
@@ -61,17 +63,35 @@ class TrainingMonitor:
         self.host_seconds += time.perf_counter() - t
 
     def observe(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        """Step `step` (0-based batch index) had mean loss `loss` (device scalar); returns the spike flag."""
+        """Step `step` (0-based batch index) had mean loss `loss` on this process (device scalar);
+        returns the spike flag.
+
+        Collective under torchrun: the step's loss and per-source sums are first summed over the
+        processes (one all-reduce of 1 + 2 x sources floats, on the device: no host sync), so every
+        process judges the global batch against the same history and reaches the same verdict, the
+        same attribution and the same statistics, and a run's verdicts do not depend on how many
+        processes share its batch. A verdict on process-local numbers would let one process skip an
+        update the others apply, or down-weight a source on some processes only."""
         t = time.perf_counter()
         spike, loss = self.cfg.spike, loss.detach().float()
+        if dist.is_initialized():
+            n_src = len(self.sources)
+            summed = torch.cat([loss.reshape(1), self.step_loss, self.step_tokens])
+            dist.all_reduce(summed)
+            # The processes' batches are equal slices of the global one: their mean loss is its loss.
+            loss = summed[0] / dist.get_world_size()
+            self.step_loss.copy_(summed[1 : 1 + n_src])
+            self.step_tokens.copy_(summed[1 + n_src :])
         n = min(self.filled, spike.window)
         finite = torch.isfinite(loss)
         if n >= spike.min_steps:
             recent = self.history[:n]
             mean, std = recent.mean(), recent.std()
             flag = (loss > mean + spike.sigmas * std) | ~finite
-        else:
-            mean, std = loss, torch.zeros_like(loss)
+        else:  # too few losses to judge by: only the non-finite guard
+            # A flagged loss enters the history as the mean so far: an inf kept there would make
+            # every mean and std of the next `window` steps inf/nan and blind the spike test.
+            mean, std = (self.history[:n].mean() if n else loss), torch.zeros_like(loss)
             flag = ~finite
         present = self.step_tokens > 0
         step_mean = self.step_loss / self.step_tokens.clamp(min=1)
@@ -99,17 +119,10 @@ class TrainingMonitor:
     # ------------------------------------------------------------------------------ at log steps
 
     def read(self) -> dict:
-        """Collective under torchrun. Per-source train loss since the last read and the first spike
-        in that span (the earliest over ranks), then the accumulators restart."""
-        losses, tokens = self.src_loss.clone(), self.src_tokens.clone()
-        spike = self.spike_step.clone()
-        if dist.is_initialized():
-            dist.all_reduce(losses)
-            dist.all_reduce(tokens)
-            big = torch.iinfo(torch.long).max
-            spike = torch.where(spike < 0, big, spike)
-            dist.all_reduce(spike, op=dist.ReduceOp.MIN)
-            spike = torch.where(spike == big, -1, spike)
+        """Per-source train loss since the last read and the first spike in that span, then the
+        accumulators restart. Not collective: `observe` already summed every step over the
+        processes, so each process reads the same global numbers."""
+        losses, tokens, spike = self.src_loss, self.src_tokens, self.spike_step
         out = {"train_loss": {s: float(l / t) for s, l, t in zip(self.sources, losses.tolist(), tokens.tolist()) if t > 0}}
         out["spike"] = None
         if int(spike) >= 0:
