@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from openmill.align.config import DpoConfig
-from openmill.align.data import AlignDataError, load_pairs
-from openmill.align.dpo import pair_batch, preference_eval, reference_logps, run_dpo, tokenize_pairs
+from openmill.align.data import AlignDataError, Pair, load_pairs
+from openmill.align.dpo import answer_lengths, pair_batch, preference_eval, reference_logps, run_dpo, tokenize_pairs
 from openmill.export import export_hf
-from openmill.textmodel import load_text_model
+from openmill.textmodel import TextTokenizer, load_text_model
 
+from .test_align_templates import answer_runs
 from .test_export_hf import make_model_folder, tokenizer_path  # noqa: F401 (fixture)
 
 PAIRS = [
@@ -102,6 +103,34 @@ def test_step0_evaluation_is_the_reference_pass_and_equals_a_real_evaluation(tmp
             assert got.tolist() == pytest.approx((full * (y != -100)).sum(dim=1).tolist(), abs=1e-4)
     assert {k: v for k, v in logged.items() if k.startswith("val/")} == real
     assert real["val/accuracy"] == 0 and real["val/margin"] == 0 and real["val/loss"] == pytest.approx(0.6931472, abs=1e-7)
+
+
+def test_multi_turn_prompt_scores_only_the_compared_answers(tmp_path, tokenizer_path):
+    # The prompt's own assistant turn is context: were it trained, it would enter both sides'
+    # log-probs and token counts, and the length-normalised losses would no longer cancel it.
+    tok = TextTokenizer.from_folder(make_model_folder(tmp_path, tokenizer_path))
+    pair = Pair(prompt=[{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello! How can I help you today with anything at all?"},
+                        {"role": "user", "content": "Say yes."}], chosen="Yes.", rejected="No, I will not.")
+    [(chosen, rejected)], _ = tokenize_pairs([pair], tok, DpoConfig(train=[tmp_path / "t.jsonl"], seq_len=256), "t")
+    for side, answer in ((chosen, pair.chosen), (rejected, pair.rejected)):
+        assert answer_runs(tok, side.targets, [t != -100 for t in side.targets]) == [answer + "<|end|>"]
+    # each answer's tokens and its end-of-turn marker, nothing of the prompt
+    want = [len(tok.encode(pair.chosen)) + 1, len(tok.encode(pair.rejected)) + 1]
+    assert answer_lengths([(chosen, rejected)]).tolist() == [want]
+
+
+def test_bf16_reference_equals_the_policy_at_step_0(tmp_path, tokenizer_path):
+    # The policy runs under the engine's bf16 autocast; a reference computed in fp32 differs from it
+    # by ~1e-2 nats per answer, which a large beta turns into a first loss visibly off log(2).
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    cfg = DpoConfig(train=[write_pairs(tmp_path / "pairs.jsonl", PAIRS)],
+                    valid=[write_pairs(tmp_path / "valid.jsonl", PAIRS[:2])], beta=10.0, dtype="bf16", steps=1,
+                    batch_size=len(PAIRS), seq_len=64, log_every=1, eval_every=100, checkpoint_every=100)
+    run_dpo(cfg, folder, tmp_path / "out", seed=0, log=lambda *a: None)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    first_loss = next(r["loss"] for r in records if "loss" in r)
+    assert first_loss == pytest.approx(0.6931472, abs=1e-6)  # at step 0 the policy is the reference: d = 0
 
 
 def test_bad_pair_records_fail_naming_file_and_record_or_are_counted(tmp_path):

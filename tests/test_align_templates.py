@@ -63,6 +63,31 @@ def test_named_template_masks_exactly_the_answers(tokenizer_path, name):
     assert "北京是哪个国家的首都？" in prompt and "You answer briefly." in prompt
 
 
+def test_answer_the_template_changes_is_still_trained(tokenizer_path):
+    # Llama-2 strips each answer, so the answer's text is not found in the rendering; the end marker
+    # must then be searched after the answer's start, not where an earlier turn's </s> ends it.
+    tok = with_template(marker_tokenizer(tokenizer_path), "llama2")
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+                    {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": "It is 4.\n"}]
+    ids, mask = encode_conversation(tok, conversation)
+    assert answer_runs(tok, ids, mask) == [" Hello there. </s>", " It is 4. </s>"]
+
+
+def test_template_that_renders_no_answer_is_refused(tokenizer_path):
+    tok = marker_tokenizer(tokenizer_path)
+    user_only = ("{% for message in messages %}{% if message['role'] == 'user' %}"
+                 "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+    tok = TextTokenizer(tok.hf, TokenizerInfo(**{**tok.info.__dict__, "chat_template": user_only}), "user-only")
+    with pytest.raises(ValueError, match="user-only: the chat template renders nothing for the answer of turn 1"):
+        encode_conversation(tok, CONVERSATION[1:3])
+
+
+def test_last_answer_only_marks_the_final_answer(tokenizer_path):
+    tok = with_template(marker_tokenizer(tokenizer_path), "chatml")
+    ids, mask = encode_conversation(tok, CONVERSATION, last_answer_only=True)
+    assert answer_runs(tok, ids, mask) == [CONVERSATION[-1]["content"] + "<|im_end|>"]
+
+
 def test_template_needing_a_missing_marker_is_refused(tmp_path, tokenizer_path):
     tok = TextTokenizer.from_folder(make_model_folder(tmp_path, tokenizer_path))
     with pytest.raises(ValueError, match="needs '<\\|im_end\\|>' as a single token"):

@@ -29,6 +29,7 @@ from openmill.align.data import Pair, load_pairs
 from openmill.align.sft import Example, collate
 from openmill.align.templates import encode_conversation
 from openmill.textmodel import TextTokenizer
+from openmill.train.engine import autocast_context
 
 
 def tokenize_pairs(pairs: list[Pair], tok: TextTokenizer, cfg: DpoConfig, where: str,
@@ -41,7 +42,10 @@ def tokenize_pairs(pairs: list[Pair], tok: TextTokenizer, cfg: DpoConfig, where:
         prompt = common.with_system(pair.prompt, cfg.system_prompt)
         sides = []
         for answer in (pair.chosen, pair.rejected):
-            ids, mask = encode_conversation(tok, prompt + [{"role": "assistant", "content": answer}])
+            # Only the answer compared is scored: an assistant turn of a multi-turn prompt would
+            # add the same log-ratio to both sides and skew the length-normalised losses.
+            messages = prompt + [{"role": "assistant", "content": answer}]
+            ids, mask = encode_conversation(tok, messages, last_answer_only=True)
             sides.append(Example(ids[:-1], [t if m else -100 for t, m in zip(ids[1:], mask[1:])]))
         longest = max(len(s.inputs) for s in sides)
         if longest > cfg.seq_len:
@@ -106,11 +110,15 @@ def dpo_terms(cfg: DpoConfig, logps, lengths, ref) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id: int, batch_pairs: int = 4) -> torch.Tensor:
-    """(n, 2) log-probs of (chosen, rejected) under the model as it is now: the DPO reference."""
+def reference_logps(model, pairs, pad_id: int, batch_pairs: int = 4, dtype: str = "fp32") -> torch.Tensor:
+    """(n, 2) log-probs of (chosen, rejected) under the model as it is now: the DPO reference.
+
+    `dtype` is the stage's: the forward runs in the autocast context the engine runs the policy
+    in, so the log-ratio is exactly 0 at step 0 (an fp32 reference of a bf16 policy is not)."""
     was_training = model.training
     model.eval()
-    out = pair_logps(model, pairs, pad_id, batch_pairs)
+    with autocast_context(dtype, model.embed_tokens.weight.device):
+        out = pair_logps(model, pairs, pad_id, batch_pairs)
     model.train(was_training)
     return out
 
@@ -171,8 +179,9 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
         f"skipped {data['skipped_records'] or 'none'}, too long {data['dropped_too_long'] or 'none'}")
     # Reference log-probs before the first update (and before LoRA changes anything: B starts at 0).
     started = time.perf_counter()
-    ref_train = reference_logps(model, train_pairs, pad_id)
-    ref_valid = reference_logps(model, valid_pairs, pad_id)  # in the evaluator's batches: its step 0, exactly
+    ref_train = reference_logps(model, train_pairs, pad_id, dtype=cfg.dtype)
+    # in the evaluator's batches and autocast: its step 0, exactly
+    ref_valid = reference_logps(model, valid_pairs, pad_id, dtype=cfg.dtype)
     log(f"reference log-probs of {len(train_pairs) + len(valid_pairs)} pairs: {time.perf_counter() - started:.0f} s")
     micro = cfg.batch_size // cfg.grad_accum
 

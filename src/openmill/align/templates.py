@@ -68,19 +68,28 @@ def with_template(tok: TextTokenizer, name: str | None) -> TextTokenizer:
     return TextTokenizer(tok.hf, info, tok.source)
 
 
-def encode_conversation(tok: TextTokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_conversation(tok: TextTokenizer, messages: list[dict],
+                        last_answer_only: bool = False) -> tuple[list[int], list[bool]]:
     """(ids, assistant) for a whole conversation: assistant[i] is True for the tokens of every
-    assistant answer and its end-of-turn marker, False for system/user turns and template text."""
+    assistant answer and its end-of-turn marker, False for system/user turns and template text.
+    With `last_answer_only`, only the last assistant answer is marked (a DPO pair's answer, whose
+    prompt may hold earlier assistant turns)."""
     text = tok.render_chat(messages)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if last_answer_only:
+        answers = answers[-1:]
     spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    for i in answers:
+        m = messages[i]
         before = tok.render_chat(messages[:i], add_generation_prompt=True)
         through = tok.render_chat(messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(f"{tok.source}: the chat template does not render turn {i} as a prefix of the conversation")
-        spans.append((len(before), _end_of_answer(tok, through, len(before), m["content"])))
+        end = _end_of_answer(tok, through, len(before), m["content"])
+        if end <= len(before):
+            raise ValueError(f"{tok.source}: the chat template renders nothing for the answer of turn {i}; "
+                             "it could not be trained")
+        spans.append((len(before), end))
     tok.hf.encode_special_tokens = False  # the template's markers are special tokens
     try:
         enc = tok.hf.encode(text, add_special_tokens=False)
@@ -92,8 +101,11 @@ def encode_conversation(tok: TextTokenizer, messages: list[dict]) -> tuple[list[
 
 def _end_of_answer(tok: TextTokenizer, through: str, start: int, content: str) -> int:
     """Where the trained part of an answer ends: after the first stop marker that follows the
-    content (template text after it, e.g. ChatML's newline, is not the answer's to predict)."""
-    after = through.find(content, start) + len(content) if content else start
+    content (template text after it, e.g. ChatML's newline, is not the answer's to predict).
+    A template may change the content (Llama-2 strips it): then the marker is searched from the
+    answer's start, never before it, where an earlier turn's marker would end the span."""
+    found_at = through.find(content, start) if content else -1
+    after = found_at + len(content) if found_at >= 0 else start
     markers = [t for t in (*tok.info.stop_tokens, tok.info.eos_token) if t]
     found = [(through.find(t, after), t) for t in markers]
     found = [(e, t) for e, t in found if e >= 0]

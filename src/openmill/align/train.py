@@ -25,7 +25,7 @@ def load_start(folder: Path, cfg: AlignStage, log=print) -> tuple[nn.Module, Tex
     """(model in train mode, tokenizer rendering the stage's template, facts for the manifest)."""
     if not (Path(folder) / "model.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (model.json missing); set init_from or run the stage before")
-    model, tok = load_text_model(folder)
+    model, tok = load_text_model(folder, device=init_world().device)  # where the trainer puts the batches
     tok = with_template(tok, cfg.template)
     if tok.info.chat_template is None:
         raise ValueError(f"{folder}: the model has no chat template; set template to one of chatml, solar, llama2")
@@ -86,14 +86,12 @@ def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalF
     # Checkpoints of another config or starting model are not resumed from (removed, with a note).
     _drop_foreign_checkpoints(Path(out_dir) / "checkpoints", meta["resume_key"], log)
     resumed = trainer.resume()
-    metrics = MetricsLog(out_dir, world.is_main, cfg.tensorboard, trainer.state.step if resumed else None)
 
     def progress(step, loss, tps):
         log(f"  step {step}/{cfg.steps}  loss {loss:.4f}  {tps:,.0f} tok/s")
 
-    result = trainer.fit(metrics, progress, first_eval)
-    metrics.close()
-    return result
+    with MetricsLog(out_dir, world.is_main, cfg.tensorboard, trainer.state.step if resumed else None) as metrics:
+        return trainer.fit(metrics, progress, first_eval)
 
 
 def save_final(folder: Path, model, tok: TextTokenizer, init_from: Path, source: dict) -> None:
