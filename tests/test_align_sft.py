@@ -1,6 +1,5 @@
 """SFT: packed and one-per-row batches give the same loss; the stage lowers held-out loss."""
 
-import json
 
 import pytest
 import torch

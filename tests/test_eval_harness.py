@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from openmill.eval.config import EvalConfig
 from openmill.eval.metrics import choice_scores, generate_scores
 from openmill.eval.runner import Encoder, Options, run_task
-from openmill.eval.scoring import Group, plan_rows, score_groups
+from openmill.eval.scoring import plan_rows, score_groups
 from openmill.eval.stage import run_eval
 from openmill.eval.tasks import TaskError, load_task_file, load_tasks
 from openmill.textmodel import load_text_model

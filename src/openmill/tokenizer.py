@@ -106,11 +106,7 @@ class Tokenizer:
     @property
     def pretokenizer(self) -> str | None:
         """The name in PRETOKENIZERS whose split this tokenizer uses (None for a foreign one)."""
-        mine = json.loads(self.hf.to_str())["pre_tokenizer"]
-        for name in PRETOKENIZERS:
-            if json.loads(new_tokenizer(name).to_str())["pre_tokenizer"] == mine:
-                return name
-        return None
+        return pretokenizer_name(json.loads(self.hf.to_str())["pre_tokenizer"])
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False).ids
@@ -167,6 +163,14 @@ def new_tokenizer(pretokenizer: str) -> HFTokenizer:
     hf.pre_tokenizer = PRETOKENIZERS[pretokenizer].build()
     hf.decoder = decoders.ByteLevel()
     return hf
+
+
+def pretokenizer_name(pre_tokenizer: dict | None) -> str | None:
+    """The name in PRETOKENIZERS of a tokenizer.json's "pre_tokenizer" entry (None: a foreign split)."""
+    for name in PRETOKENIZERS:
+        if json.loads(new_tokenizer(name).to_str())["pre_tokenizer"] == pre_tokenizer:
+            return name
+    return None
 
 
 def _sample_domain(

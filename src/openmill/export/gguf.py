@@ -15,7 +15,6 @@ the attention output, is unchanged (tests/test_export_gguf.py checks both the al
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from openmill.config import ModelConfig
 from openmill.export.folder import ExportError, ModelFolder, TokenizerInfo, write_model_folder
 from openmill.pretokenizers import PRETOKENIZERS, Pretokenizer
-from openmill.tokenizer import new_tokenizer
+from openmill.tokenizer import pretokenizer_name
 
 ARCH = "llama"
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -97,16 +96,15 @@ def gguf_pre_of(folder: ModelFolder) -> str:
     """The llama.cpp pre-tokenizer type that splits text as this folder's tokenizer does."""
     if folder.tokenizer.gguf_pre is not None:
         return folder.tokenizer.gguf_pre
-    mine = folder.tokenizer_json.get("pre_tokenizer")
-    for name, pre in PRETOKENIZERS.items():
-        if json.loads(new_tokenizer(name).to_str())["pre_tokenizer"] == mine:
-            if pre.gguf_pre is None:
-                usable = ", ".join(n for n, p in PRETOKENIZERS.items() if p.gguf_pre)
-                raise ExportError(f"{folder.path / 'tokenizer.json'}: pretokenizer {name!r} has no llama.cpp equivalent "
-                                  f"(gguf_pre is None), so llama.cpp would tokenize differently; use one of: {usable}")
-            return pre.gguf_pre
-    raise ExportError(f"{folder.path / 'tokenizer.json'}: pre_tokenizer matches no openmill pretokenizer, "
-                      "so its llama.cpp type (tokenizer.ggml.pre) is unknown")
+    name = pretokenizer_name(folder.tokenizer_json.get("pre_tokenizer"))
+    if name is None:
+        raise ExportError(f"{folder.path / 'tokenizer.json'}: pre_tokenizer matches no openmill pretokenizer, "
+                          "so its llama.cpp type (tokenizer.ggml.pre) is unknown")
+    if PRETOKENIZERS[name].gguf_pre is None:
+        usable = ", ".join(n for n, p in PRETOKENIZERS.items() if p.gguf_pre)
+        raise ExportError(f"{folder.path / 'tokenizer.json'}: pretokenizer {name!r} has no llama.cpp equivalent "
+                          f"(gguf_pre is None), so llama.cpp would tokenize differently; use one of: {usable}")
+    return PRETOKENIZERS[name].gguf_pre
 
 
 def _vocab_lists(folder: ModelFolder) -> tuple[list[str], list[int], list[str]]:
