@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from openmill.eval.config import EvalConfig
 from openmill.eval.metrics import choice_scores, generate_scores
-from openmill.eval.runner import Encoder, Options, run_task
+from openmill.eval.runner import Encoder, Options, greedy_until, run_task
 from openmill.eval.scoring import plan_rows, score_groups
 from openmill.eval.stage import run_eval
 from openmill.eval.tasks import TaskError, load_task_file, load_tasks
@@ -157,3 +157,18 @@ def test_cli_unknown_task_is_one_line(folder, tmp_path):
     result = CliRunner().invoke(app, ["eval", str(folder), "--task", "arc_esay", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "error: eval.tasks: unknown task 'arc_esay'; choices: arc_challenge, arc_easy" in result.output
+
+
+def test_generation_longer_than_the_context_keeps_one_context_token(tmp_path, tokenizer_path, monkeypatch):
+    """max_new_tokens >= max_seq_len once left no room for the prompt (or cut its start off)
+    and the engine refused the whole task."""
+    import openmill.eval.runner as runner
+
+    model, tok = load_text_model(make_model_folder(tmp_path, tokenizer_path, max_seq_len=16))
+    calls = []
+    real = runner.generate
+    monkeypatch.setattr(runner, "generate", lambda m, ids, n, **kw: calls.append((ids, n)) or real(m, ids, n, **kw))
+    ids = list(range(3, 23))  # 20 context tokens
+    assert isinstance(greedy_until(model, tok, ids, max_new=40, until=[]), str)
+    assert isinstance(greedy_until(model, tok, ids, max_new=4, until=[]), str)
+    assert calls == [(ids[-1:], 15), (ids[-12:], 4)]  # the context's last tokens, the room they leave

@@ -17,9 +17,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from openmill.eval.runner import Encoder
+from openmill.eval.runner import Encoder, greedy_until
 from openmill.eval.scoring import rolling_nll, score_groups
-from openmill.generate import generate
 from openmill.textmodel import load_text_model
 
 
@@ -56,11 +55,7 @@ class OpenmillLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else until
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = self.enc.ids(context)[-(self.model.cfg.max_seq_len - max_new) :]
-            text = self.tok.decode(generate(self.model, ids, max_new, temperature=0.0, stop_ids=self.tok.stop_ids))
-            for stop in until:
-                text = text.split(stop)[0]
-            outputs.append(text)
+            outputs.append(greedy_until(self.model, self.tok, self.enc.ids(context), max_new, until))
         return outputs
 
 

@@ -92,12 +92,13 @@ def _groups(prompts: list[Prompt], enc: Encoder) -> tuple[list[Group], list[tupl
     return groups, owners
 
 
-def _generate(model, enc: Encoder, spec: TaskSpec, context: str) -> str:
-    ids = enc.ids(enc.context_text(context))
-    room = model.cfg.max_seq_len - spec.max_new_tokens
-    out = generate(model, ids[-room:], spec.max_new_tokens, temperature=0.0, stop_ids=enc.tok.stop_ids)
-    text = enc.tok.decode(out)
-    for stop in spec.until:
+def greedy_until(model, tok: TextTokenizer, ids: list[int], max_new: int, until: list[str]) -> str:
+    """The greedy completion of `ids`, cut at the first of `until`. The context keeps its last
+    tokens, leaving room for `max_new` (itself capped so at least one context token stays)."""
+    max_new = min(max_new, model.cfg.max_seq_len - 1)
+    out = generate(model, ids[-(model.cfg.max_seq_len - max_new) :], max_new, temperature=0.0, stop_ids=tok.stop_ids)
+    text = tok.decode(out)
+    for stop in until:
         text = text.split(stop)[0]
     return text
 
@@ -134,7 +135,8 @@ def run_task(model, tok: TextTokenizer, spec: TaskSpec, opts: Options, progress:
             rows.append({"index": p.index, "lls": values, **score})
     elif spec.kind in ("generate", "strict_choice"):
         for p in prompts:
-            output = _generate(model, enc, spec, p.contexts[0])
+            ids = enc.ids(enc.context_text(p.contexts[0]))
+            output = greedy_until(model, enc.tok, ids, spec.max_new_tokens, spec.until)
             if spec.kind == "generate":
                 score = generate_scores(output, p.gold, spec.extract, spec.ignore, spec.metrics)
             else:
