@@ -88,11 +88,11 @@ class LocalExecutor:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
         return self.pool
 
-    def run(self, fn: Callable, tasks: Sequence, label: str, weights: Sequence[int] | None = None) -> list:
-        """fn(task) for every task; results in task order. Heaviest first keeps all workers busy to the end."""
+    def run(self, fn: Callable, tasks: Sequence, label: str) -> list:
+        """fn(task) for every task, submitted in order; results in task order."""
         if not tasks:
             return []
-        order = sorted(range(len(tasks)), key=lambda i: -(weights[i] if weights else 0))
+        order = range(len(tasks))
         results: list = [None] * len(tasks)
         with _progress() as bar:
             tid = bar.add_task(label, total=len(tasks))

@@ -38,7 +38,7 @@ class RayExecutor:
 
         return sum(self.run(filter_file, tasks, "curate: filter (files)"))
 
-    def run(self, fn: Callable, tasks: Sequence, label: str, weights: Sequence[int] | None = None) -> list:
+    def run(self, fn: Callable, tasks: Sequence, label: str) -> list:
         if not tasks:
             return []
         remote = self.ray.remote(fn)
