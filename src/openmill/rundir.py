@@ -76,7 +76,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `final` in one rename."""
+    """Yield a temporary directory; on success it replaces `final`.
+
+    A folder cannot replace another in one rename, so the old `final` is first renamed aside: a
+    reader sees the old folder or the new one, never a mix, though a crash between the two renames
+    leaves no `final` (the next write clears the leftovers; a stage whose output is missing reruns).
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(final.parent)
