@@ -24,8 +24,10 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    echo "setup: installing torch==2.13.0 (CPU)"
-    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+    # Plain PyPI serves Linux x86_64 torch with its CUDA libraries; TORCH_INDEX_URL (e.g.
+    # https://download.pytorch.org/whl/cpu) picks the CPU-only wheel from PyTorch's own index.
+    echo "setup: installing torch==2.13.0 (CPU)${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+    "$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 fi
 echo "setup: installing openmill${EXTRAS:+[$EXTRAS]}"
 "$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
