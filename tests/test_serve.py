@@ -111,6 +111,54 @@ def test_plain_streaming_and_chat_calls_give_the_offline_answers(server, offline
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0  # the usage chunk comes last
 
 
+def test_chat_takes_text_content_parts_and_the_developer_role(server, offline, model_tok):
+    """What current OpenAI clients send: content as a list of text parts, and "developer" for the
+    instructions. The prompt is the one for the parts' text concatenated, under "system"."""
+    url, _ = server
+    _, chat = offline
+    _, tok = model_tok
+    messages = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello! 你好"}]},
+    ]
+    r = client(url).chat.completions.create(model=NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! 你好"}]
+    # The fixture's template writes each role's name, so "developer" passed through would differ.
+    assert r.usage.prompt_tokens == len(tok.encode_chat(plain, add_generation_prompt=True))
+    assert r.choices[0].message.content == chat(plain)
+
+
+def test_completion_prompt_may_be_token_ids(server, offline, model_tok):
+    """A prompt of token ids is the prompt as given (no document prefix added); a list holding one
+    prompt is that prompt. Ids must have an embedding row: 0 to vocab_size - 1."""
+    url, _ = server
+    completion, _ = offline
+    _, tok = model_tok
+    c = client(url)
+    ids = tok.document_prefix() + tok.encode(PROMPTS[0])
+    for prompt in (ids, [ids], [PROMPTS[0]]):
+        r = c.completions.create(model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].text == completion(PROMPTS[0]) and r.usage.prompt_tokens == len(ids), prompt
+    last_id = c.completions.create(model=NAME, prompt=[tok.vocab_size - 1], max_tokens=2, temperature=0)
+    assert last_id.choices[0].finish_reason
+    with pytest.raises(openai.BadRequestError, match=f"token id {tok.vocab_size} .* outside this model's vocabulary"):
+        c.completions.create(model=NAME, prompt=[5, tok.vocab_size], max_tokens=2)
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(server, offline):
+    """OpenAI takes 0 <= top_p <= 1. At 0 the nucleus is the top token alone: sampling at any
+    temperature and seed gives the greedy answer (the nucleus filter alone would keep no token and
+    sample from nan probabilities)."""
+    url, _ = server
+    completion, _ = offline
+    c = client(url)
+    for seed in range(3):
+        r = c.completions.create(
+            model=NAME, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=1.5, top_p=0, seed=seed
+        )
+        assert r.choices[0].text == completion(PROMPTS[2]), seed
+
+
 def test_stream_is_openai_server_sent_events_ending_with_done(server):
     url, _ = server
     body = {"model": NAME, "prompt": "Alice", "max_tokens": 4, "temperature": 0, "stream": True}
@@ -205,8 +253,22 @@ NO_PREFIX = dict(bos_token=None, add_bos_token=False)  # a plain document starts
          "messages", "refused the conversation: Conversation must start with a user message"),
         ({"chat_template": None}, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
          "messages", "no chat template; send plain text to /v1/completions"),
+        ({}, "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
+         "messages.0.content.1.type", "'image_url' content is not supported; this model takes only text parts"),
+        ({}, "/v1/chat/completions",
+         {"messages": [{"role": "system", "content": "Transcribe."},
+                       {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+         "messages.1.content.0.type", "'input_audio' content is not supported"),
+        ({}, "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         "messages.0.content.0.text", "a text part needs its text"),
+        ({}, "/v1/completions", {"prompt": ["Alice", "Bob"]}, "prompt", "one prompt per request"),
+        ({}, "/v1/completions", {"prompt": [[1, 2], [3]]}, "prompt", "one prompt per request"),
+        ({}, "/v1/completions", {"prompt": [1, -1]}, "prompt", "token id -1 (position 1) is outside this model's vocabulary"),
     ],
-    ids=["empty-prompt", "empty-prompt-stream", "seed-over-int64", "over-context-names-prompt", "template-refuses", "no-template"],
+    ids=["empty-prompt", "empty-prompt-stream", "seed-over-int64", "over-context-names-prompt", "template-refuses", "no-template",
+         "image-part", "audio-part", "text-part-without-text", "batch-of-strings", "batch-of-id-lists", "negative-token-id"],
 )  # fmt: skip
 def test_client_mistakes_are_400s_naming_the_field(model_tok, info, path, body, param, says):
     from fastapi.testclient import TestClient
@@ -219,6 +281,25 @@ def test_client_mistakes_are_400s_naming_the_field(model_tok, info, path, body, 
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error" and error["param"] == param and says in error["message"]
         assert c.post("/v1/completions", json={"model": NAME, "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_api_key_is_compared_in_constant_time(model_tok, monkeypatch):
+    """Every key check goes through hmac.compare_digest, whose time does not depend on how much of
+    the key matched (`!=` returns at the first differing character, which a timing attack reads)."""
+    import hmac
+
+    from fastapi.testclient import TestClient
+
+    compared, compare_digest = [], hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or compare_digest(a, b))
+    model, tok = model_tok
+    app = create_app(model, tok, NAME, ServeLimits(max_batch=2, max_context=64, max_tokens=8), api_key=KEY)
+    right, wrong, absent = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {KEY[:-1]}x"}, {}
+    with TestClient(app) as c:
+        assert [c.get("/v1/models", headers=h).status_code for h in (right, wrong, absent)] == [200, 401, 401]
+    headers_given = sorted(given for given, _ in compared)
+    assert headers_given == sorted([b"", f"Bearer {KEY[:-1]}x".encode(), f"Bearer {KEY}".encode()])
+    assert {expected for _, expected in compared} == {f"Bearer {KEY}".encode()}
 
 
 def test_a_tiny_temperature_answers_and_the_next_requests_still_do(model_tok):
@@ -258,6 +339,50 @@ def test_worker_frees_a_row_that_no_job_owns():
     finally:
         worker.close()
     assert engine.free_rows == 2
+
+
+def test_closing_the_worker_answers_every_job_with_an_error():
+    """A job decoding, one waiting for a row, and one submitted after close all get an "error"
+    event, instead of leaving their handlers waiting forever for a "done"."""
+    model = randomised(tiny(), seed=2)
+    engine = Engine(model, max_batch=1, max_len=32)
+    worker = BatchWorker(engine)
+    decoding, release = threading.Event(), threading.Event()
+    step = engine.step
+
+    def step_when_released():  # holds the first decode step until close() has been called
+        decoding.set()
+        release.wait(timeout=30)
+        return step()
+
+    engine.step = step_when_released
+
+    async def last_event(job: Job) -> tuple:
+        while True:
+            event = await asyncio.wait_for(job.events.get(), timeout=5)
+            if event[0] in ("done", "error"):
+                return event
+
+    async def scenario() -> list[tuple]:
+        def job():  # 20 new tokens and no stop ids: far from done after one step
+            return Job([5, 6, 7], SamplingParams(20, temperature=0), (), asyncio.get_running_loop())
+
+        in_flight, waiting = job(), job()
+        worker.submit(in_flight)
+        assert await asyncio.to_thread(decoding.wait, 30)
+        worker.submit(waiting)  # the only row is taken
+        threading.Timer(0.2, release.set).start()  # the step ends after close() has asked to stop
+        await asyncio.to_thread(worker.close)
+        late = job()
+        worker.submit(late)
+        return [await last_event(j) for j in (in_flight, waiting, late)]
+
+    try:
+        events = asyncio.run(scenario())
+    finally:
+        release.set()
+        worker.close()
+    assert [e[0] for e in events] == ["error"] * 3 and all("worker has stopped" in e[1] for e in events)
 
 
 def test_non_streaming_request_is_cancelled_when_its_client_disconnects(model_tok):

@@ -26,7 +26,7 @@ class SamplingParams:
             "max_new_tokens": self.max_new_tokens >= 0,
             "temperature": self.temperature >= 0,
             "top_k": self.top_k is None or self.top_k > 0,
-            "top_p": self.top_p is None or 0 < self.top_p <= 1,
+            "top_p": self.top_p is None or 0 <= self.top_p <= 1,  # 0: the most likely token only
             "repetition_penalty": self.repetition_penalty > 0,
         }
         for name, ok in checks.items():
@@ -53,8 +53,10 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,); greedy at temperature 0, and below GREEDY_BELOW_TEMPERATURE."""
-    if temperature < GREEDY_BELOW_TEMPERATURE:
+    """logits (B, V) -> next token ids (B,); greedy at temperature 0, and below GREEDY_BELOW_TEMPERATURE.
+    top_p 0 keeps only the most likely token, which is greedy too (the nucleus filter below would
+    drop every token, even the first, and softmax over all -inf is nan)."""
+    if temperature < GREEDY_BELOW_TEMPERATURE or top_p == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -54,7 +55,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)  # 0 keeps only the most likely token (greedy)
     top_k: int | None = Field(None, gt=0)  # extension (vLLM's name)
     repetition_penalty: float = Field(1.0, gt=0)  # extension
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes (int64)
@@ -65,13 +66,22 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # OpenAI's shapes: text, token ids, or a batch of either (this server takes one prompt per request)
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only {"type": "text", "text": ...} is accepted."""
+
+    model_config = ConfigDict(extra="ignore")  # image_url, input_audio, ... are refused by their type
+    type: str
+    text: str | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
 
 
 class ChatRequest(_Request):
@@ -82,6 +92,9 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
     engine = Engine(model, max_batch=limits.max_batch, max_len=limits.max_context, decode=tokenizer.decode)
     worker = BatchWorker(engine)
     context = engine.max_len
+    # Token ids a prompt may hold: known to the tokenizer and inside the model's embedding.
+    vocab_size = min(tokenizer.vocab_size, model.cfg.vocab_size)
+    expected_authorization = f"Bearer {api_key}".encode()
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -96,7 +109,11 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
         return JSONResponse(e.body(), status_code=e.status)
 
     def check_api_key(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        if api_key is None:
+            return
+        # Constant time: how long a wrong key takes to refuse must not tell how much of it matched.
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected_authorization):
             raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
 
     async def parse(request: Request, kind: type[_Request]) -> _Request:
@@ -232,25 +249,58 @@ def create_app(model, tokenizer: TextTokenizer, name: str, limits: ServeLimits =
         check_api_key(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "openmill"}]}
 
+    def prompt_ids(prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+        """The token ids of a completion prompt: text is encoded after the document prefix; token
+        ids are taken as given (the client chose every token, as OpenAI and vLLM do)."""
+        if prompt and isinstance(prompt, list) and not isinstance(prompt[0], int):  # a batch of prompts
+            if len(prompt) != 1:
+                message = f"prompt: give one prompt per request (a string or a list of token ids), not {len(prompt)}"
+                raise APIError(400, message, param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return tokenizer.document_prefix() + tokenizer.encode(prompt)
+        for i, token in enumerate(prompt):
+            if not 0 <= token < vocab_size:
+                where = f"token id {token} (position {i})"
+                message = f"prompt: {where} is outside this model's vocabulary ({vocab_size} ids)"
+                raise APIError(400, message, param="prompt")
+        return prompt
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "prompt: give one string (batches of prompts are not supported)", param="prompt")
-        ids = tokenizer.document_prefix() + tokenizer.encode(prompts[0])
-        return await respond(req, ids, request, chat=False)
+        return await respond(req, prompt_ids(req.prompt), request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
+        messages = [template_message(m, f"messages.{i}") for i, m in enumerate(req.messages)]
         try:
-            ids = tokenizer.encode_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
+            ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
         except (ValueError, TemplateError) as e:  # ExportError (no chat template) is a ValueError
             raise APIError(400, f"messages: {chat_template_refusal(e)}", param="messages") from None
         return await respond(req, ids, request, chat=True)
 
     return app
+
+
+def template_message(message: Message, param: str) -> dict:
+    """A message as chat templates take it: content one string, and "developer" (OpenAI's name for
+    system instructions with its newer models) as "system", the role templates know.
+    param: where the message is in the request (messages.N), for errors."""
+    content = message.content
+    if not isinstance(content, str):
+        for j, part in enumerate(content):
+            if part.type != "text":
+                where = f"{param}.content.{j}.type"
+                message = f"{where}: {part.type!r} content is not supported; this model takes only text parts"
+                raise APIError(400, message, param=where)
+            if part.text is None:
+                where = f"{param}.content.{j}.text"
+                raise APIError(400, f"{where}: a text part needs its text", param=where)
+        # Concatenated with nothing added between parts: a client that wants a separator sends one.
+        content = "".join(part.text for part in content)
+    return {"role": "system" if message.role == "developer" else message.role, "content": content}
 
 
 def chat_template_refusal(e: Exception) -> str:

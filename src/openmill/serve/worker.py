@@ -4,7 +4,9 @@ Continuous batching: between two decode steps the worker admits every waiting re
 row is free (prefilling it into that row), so a request never waits for the others to finish,
 and all active requests share each step's forward. Results go back to each request's asyncio
 queue as events: ("delta", text), then ("done", finish_reason, prompt_tokens, completion_tokens)
-or ("error", message).
+or ("error", message). Every job submitted gets its "done" or "error", also one waiting or in
+flight when the worker is closed (or its thread dies) and one submitted after: its handler waits
+for one of the two.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import threading
 from dataclasses import dataclass, field
 
 from openmill.generate import Engine, SamplingParams
+
+WORKER_STOPPED = "the server's generation worker has stopped (shutting down, or failed); retry on a running server"
 
 
 @dataclass
@@ -27,7 +31,10 @@ class Job:
     cancelled: bool = False  # the client went away: free its row at the next step
 
     def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # its event loop is closed: nobody is listening, and the worker goes on
+            pass
 
 
 class BatchWorker:
@@ -38,17 +45,43 @@ class BatchWorker:
         self.steps = 0  # batched decode forwards, and the rows they carried (for the tests)
         self.rows_decoded = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # makes "closed" and the last drain of `waiting` one step for submit
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="openmill-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self.waiting.put(job)
+        with self._lock:
+            if self._closed:
+                job.emit("error", WORKER_STOPPED)
+                return
+            self.waiting.put(job)
 
     def close(self) -> None:
+        """Stop after the current step; the thread then answers every remaining job with an error."""
         self._stop.set()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:  # closed, or an unexpected error: no step will answer these jobs any more
+            self._fail_remaining_jobs()
+
+    def _fail_remaining_jobs(self) -> None:
+        with self._lock:
+            self._closed = True
+            jobs = list(self.jobs.values())
+            self.jobs.clear()
+            while True:
+                try:
+                    jobs.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+        for job in jobs:
+            job.emit("error", WORKER_STOPPED)
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             if not self.engine.active:
                 try:  # idle: block until a request arrives
