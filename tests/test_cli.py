@@ -140,3 +140,14 @@ def test_upscale_of_a_truncated_weights_file(tmp_path, tokenizer_path):
     line = fail_line("upscale", str(folder), "--drop", "0", "--out", str(tmp_path / "out"))
     assert line == f"error: {weights}: file ends inside a tensor (truncated?)"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["export", "--format", "hf"], ["upscale", "--drop", "1"], ["merge"]])
+def test_model_json_that_is_not_json(tmp_path, tokenizer_path, command):
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    text = (folder / "model.json").read_text()
+    (folder / "model.json").write_text(text[: len(text) // 2])  # an editor's crash, a full disk
+    sources = [str(folder)] * (2 if command[0] == "merge" else 1)
+    line = fail_line(command[0], *sources, *command[1:], "--out", str(tmp_path / "out"))
+    assert line.startswith(f"error: {folder / 'model.json'}: not valid JSON (")
+    assert not (tmp_path / "out").exists()

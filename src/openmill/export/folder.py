@@ -62,7 +62,7 @@ class ModelFolder:
         for name in ("model.json", "model.safetensors", "tokenizer.json"):
             if not (path / name).is_file():
                 raise ExportError(f"{path}: not an openmill model folder ({name} missing)")
-        meta = json.loads((path / "model.json").read_text())
+        meta = read_json(path / "model.json")
         if "model" not in meta:
             raise ExportError(f"{path / 'model.json'}: no 'model' field (the model config)")
         cfg = checked_model_config(meta["model"], path / "model.json", prefix="model.")
@@ -74,7 +74,7 @@ class ModelFolder:
 
     @property
     def tokenizer_json(self) -> dict:
-        return json.loads((self.path / "tokenizer.json").read_text())
+        return read_json(self.path / "tokenizer.json")
 
     def names(self) -> list[str]:
         """Parameter names in the file, in model order (embeddings, layers by index, norm, head)."""
@@ -94,6 +94,16 @@ class ModelFolder:
         if token not in vocab:
             raise ExportError(f"{self.path / 'tokenizer.json'}: special token {token!r} is not in the vocabulary")
         return vocab[token]
+
+
+def read_json(path: Path):
+    """A JSON file's content, or one ExportError line naming the file and where it stops being JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ExportError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def checked_model_config(fields: dict, source: Path, names: dict[str, str] | None = None,

@@ -10,7 +10,6 @@ into a Hugging Face one).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,14 @@ from typing import Callable
 import torch
 
 from openmill.config import ModelConfig
-from openmill.export.folder import ExportError, TokenizerInfo, _param_shapes, checked_model_config, param_order
+from openmill.export.folder import (
+    ExportError,
+    TokenizerInfo,
+    _param_shapes,
+    checked_model_config,
+    param_order,
+    read_json,
+)
 from openmill.export.hf import _weight_files, config_from_hf, from_hf_name, tokenizer_from_hf
 from openmill.rundir import atomic_dir, atomic_write_json
 from openmill.surgery.tensorfile import SurgeryError, TensorInfo, read_header, read_many, read_tensor, write_streaming
@@ -54,7 +60,7 @@ def _open_openmill(path: Path) -> Checkpoint:
     for name in ("model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():
             raise SurgeryError(f"{path}: not an openmill model folder ({name} missing)")
-    meta = json.loads((path / "model.json").read_text())
+    meta = _read_json(path / "model.json")
     if "model" not in meta:
         raise SurgeryError(f"{path / 'model.json'}: no 'model' field (the model config)")
     try:
@@ -69,7 +75,7 @@ def _open_openmill(path: Path) -> Checkpoint:
 
 def _open_hf(path: Path) -> Checkpoint:
     try:
-        cfg = config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
+        cfg = config_from_hf(read_json(path / "config.json"), path / "config.json")
         tokenizer_json, info = tokenizer_from_hf(path)
         files = _weight_files(path)
     except ExportError as e:
@@ -83,6 +89,13 @@ def _open_hf(path: Path) -> Checkpoint:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]  # openmill folders store both
     _check_names(path, cfg, tensors)
     return Checkpoint(path, "hf", cfg, tensors, tokenizer_json, info)
+
+
+def _read_json(path: Path):
+    try:
+        return read_json(path)
+    except ExportError as e:
+        raise SurgeryError(str(e)) from None
 
 
 def _check_names(path: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
