@@ -123,17 +123,31 @@ def test_changed_recipe_does_not_resume_foreign_checkpoints(prepared, tmp_path, 
     assert "the recipe changed" in printed and "resuming from" not in printed
 
 
-def test_bookkeeping_changes_and_a_wsd_extension_keep_the_checkpoints(prepared, tmp_path, capsys):
-    """Only what changes the trained weights makes checkpoints foreign: not logging, saving or threads,
-    and not `steps` under a schedule whose past learning rates do not depend on it (wsd)."""
-    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=4", "pretrain.schedule=wsd"])
+def test_bookkeeping_changes_keep_the_checkpoints(prepared, tmp_path, capsys):
+    """Only what changes the trained weights makes checkpoints foreign: not logging, saving or threads."""
+    recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=4"])
     run_recipe(recipe, ["pretrain"])
-    longer = ["pretrain.steps=8", "pretrain.schedule=wsd", "pretrain.log_every=2", "pretrain.keep_checkpoints=4"]
+    changed = ["pretrain.steps=4", "pretrain.log_every=2", "pretrain.keep_checkpoints=4", "pretrain.threads=1"]
     capsys.readouterr()
-    run_recipe(load_recipe(TINY, SMALL + [f"run_dir={root}", *longer, "pretrain.threads=1"]), ["pretrain"])
+    run_recipe(load_recipe(TINY, SMALL + [f"run_dir={root}", *changed]), ["pretrain"], force=True)
     printed = capsys.readouterr().out
     assert "the recipe changed" not in printed and "step_000004 (step 4)" in printed
-    assert sorted(p.name for p in (root / "pretrain" / "checkpoints").iterdir()) == ["step_000004", "step_000008"]
+
+
+def test_extending_a_wsd_run_equals_training_the_longer_run_from_the_start(prepared, tmp_path, capsys):
+    """The 4-step run's last step decays; the 8-step run's decay starts at step 6. The extension
+    resumes from the step-2 checkpoint (before both decays) and drops step 4's, so every later
+    step is the longer run's, bit for bit."""
+    wsd = ["pretrain.schedule=wsd", "pretrain.checkpoint_every=2", "pretrain.phases=[]"]
+    whole, whole_root = fresh_run(prepared, tmp_path / "whole", ["pretrain.steps=8", *wsd])
+    run_recipe(whole, ["pretrain"])
+    short, root = fresh_run(prepared, tmp_path / "short", ["pretrain.steps=4", *wsd])
+    run_recipe(short, ["pretrain"])
+    capsys.readouterr()
+    run_recipe(load_recipe(TINY, SMALL + [f"run_dir={root}", "pretrain.steps=8", *wsd]), ["pretrain"])
+    printed = capsys.readouterr().out
+    assert "steps changed from 4 to 8 under wsd" in printed and "step_000002 (step 2)" in printed
+    assert losses(root) == losses(whole_root)
 
 
 def test_a_torn_newest_checkpoint_does_not_make_the_older_ones_foreign(prepared, tmp_path, monkeypatch, capsys):
@@ -165,10 +179,13 @@ def test_preflight_checks_each_phase_window_against_the_model(prepared, tmp_path
 def test_schedules():
     cos = PretrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
     assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
-    assert lr_at(55, cos) == pytest.approx(0.55) and lr_at(100, cos) == pytest.approx(0.1)
+    assert lr_at(10, cos) == 1.0 and lr_at(99, cos) == pytest.approx(0.1)  # the last trained step: the floor
     wsd = PretrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
     assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
-    assert lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == pytest.approx(0.0)
+    assert lr_at(80, wsd) == pytest.approx(0.95) and lr_at(89, wsd) == pytest.approx(0.5)
+    assert lr_at(99, wsd) == 0.0  # the last trained step
+    short = PretrainConfig(steps=4, warmup_steps=0, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert [lr_at(s, short) for s in range(4)] == [1.0, 1.0, 1.0, 0.0]  # a short run decays too
 
 
 def _torchrun(root, nproc, parallel, tmp_path):

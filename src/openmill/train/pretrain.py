@@ -33,6 +33,7 @@ from openmill.train.engine import Trainer
 from openmill.train.heurimentor import HeuriMentor
 from openmill.train.monitor import TrainingMonitor
 from openmill.train.report import write_report
+from openmill.train.schedule import wsd_decay_start
 from openmill.train.metrics import MetricsLog, read_metrics
 from openmill.train.parallel import init_world, parallelize, unwrap
 
@@ -157,14 +158,14 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         batch_fn,
         eval_fn=validation,
         stateful={"dmu": dmu, "monitor": monitor, "heurimentor": hooks},
-        meta={"model": model_cfg.model_dump(mode="json"), "recipe": recipe.name},
+        meta={"model": model_cfg.model_dump(mode="json"), "recipe": recipe.name, "steps": cfg.steps},
         log=log,
         hooks=hooks,
     )
     resume_key = training_fingerprint(recipe)
     _drop_foreign_checkpoints(out_dir / "checkpoints", resume_key, log)
     trainer.meta["resume_key"] = resume_key
-    resumed = trainer.resume()
+    resumed = trainer.resume(at_most=_wsd_extension_limit(out_dir / "checkpoints", cfg, log))
     metrics = MetricsLog(out_dir, world.is_main, cfg.tensorboard, trainer.state.step if resumed else None)
     log(
         f"pretrain: {n_params / 1e6:.2f}M parameters, {world.size} process(es) on {world.device}, "
@@ -204,12 +205,14 @@ _BOOKKEEPING = {"threads", "log_every", "checkpoint_every", "keep_checkpoints", 
 def training_fingerprint(recipe: Recipe) -> str:
     """What a checkpoint must share with the recipe to be resumed from.
 
-    `steps` counts only where it shapes the learning rates already applied: a wsd or constant run
-    can be extended from its checkpoints. init_from's contents count too: new weights at the same
-    path (a re-run upscale) are another run.
+    `steps` counts where it shapes every learning rate (cosine) or the phases' boundaries: a wsd or
+    constant run without phases can be extended from its checkpoints (a wsd one from those taken
+    before its decay: `_wsd_extension_limit`). init_from's contents count too: new weights at the
+    same path (a re-run upscale) are another run.
     """
     cfg = recipe.pretrain
-    pretrain = cfg.model_dump(mode="json", exclude=_BOOKKEEPING | ({"steps"} if cfg.schedule != "cosine" else set()))
+    extendable = cfg.schedule != "cosine" and not cfg.phases
+    pretrain = cfg.model_dump(mode="json", exclude=_BOOKKEEPING | ({"steps"} if extendable else set()))
     pretrain["monitor"].pop("report", None)
     trained = {**recipe.model_dump(mode="json", include={"seed", "data", "model"}), "pretrain": pretrain}
     return fingerprint(trained, [cfg.init_from] if cfg.init_from else [])
@@ -230,6 +233,29 @@ def _drop_foreign_checkpoints(root: Path, resume_key: str, log) -> None:
             shutil.rmtree(root)
         break
     barrier()
+
+
+def _wsd_extension_limit(root: Path, cfg, log) -> int | None:
+    """The newest step a wsd run whose `steps` changed may resume from: a checkpoint taken before
+    both schedules' decay started, the only ones trained with the learning rates the new schedule
+    gives. Later checkpoints belong to the old schedule's decay and are removed (else pruning would
+    keep them over the new run's). None: no limit."""
+    if cfg.schedule != "wsd":
+        return None
+    metas = (_verified_meta(folder) for _, folder in reversed(list_checkpoints(root)))
+    old = next((m.get("steps", cfg.steps) for m in metas if m is not None), cfg.steps)
+    if old == cfg.steps:
+        return None
+    limit = min(wsd_decay_start(old, cfg), wsd_decay_start(cfg.steps, cfg))
+    later = [folder for step, folder in list_checkpoints(root) if step > limit]
+    barrier()  # every process has read the checkpoints before any is removed
+    if later and is_main_process():
+        log(f"pretrain: steps changed from {old} to {cfg.steps} under wsd; resuming from a checkpoint at "
+            f"step <= {limit}, before the decay ({len(later)} later checkpoint(s) removed)")
+        for folder in later:
+            shutil.rmtree(folder)
+    barrier()
+    return limit
 
 
 def _verified_meta(folder: Path) -> dict | None:
