@@ -17,6 +17,8 @@ import contextlib
 
 import torch
 
+IGNORE_INDEX = -100  # a target that takes no loss (prompt tokens, padding), as in torch's cross_entropy
+
 # Observers of per-token losses (the training monitor's per-source loss, train/monitor.py): while a
 # list is registered, each forward appends its detached (N,) token losses to it. Empty: no cost.
 _TOKEN_LOSS_SINKS: list[list] = []
@@ -106,7 +108,7 @@ def default_chunk(vocab_size: int, device: torch.device) -> int:
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Mean next-token loss of hidden (..., C) against targets (...) through the projection weight (V, C)."""
     chunk = chunk or default_chunk(weight.shape[0], hidden.device)
@@ -159,7 +161,7 @@ class LinearTargetLogProbs(torch.autograd.Function):
 
 
 def linear_target_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """log p(target) of hidden (..., C) through the projection weight (V, C), shaped like targets,
     0 where targets == ignore_index. Only the kept positions go through the projection (for DPO,

@@ -198,7 +198,8 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     # evaluation (the same forward), so it is not run a second time.
     step0 = preference_metrics(cfg, ref_valid, answer_lengths(valid_pairs), ref_valid)
     result = common.fit(model, cfg, out_dir, batch_fn, preference_eval(cfg, valid_pairs, ref_valid, pad_id), make_loss(cfg),
-                        {"stage": "dpo", "resume_key": common.resume_key(cfg, init_from)}, log, first_eval=step0)
+                        {"stage": "dpo", "resume_key": common.resume_key(cfg, init_from)}, log, first_eval=step0,
+                        token_mean_loss=False)  # a loss per pair: micro-batches of as many pairs weigh alike
     model.eval()
     replies = common.chat(model, tok, cfg.chat_prompts, cfg.system_prompt, cfg.chat_max_new_tokens)
     common.save_final(out_dir / "final", model, tok, init_from, {"stage": "dpo", "init_from": str(init_from), "steps": cfg.steps})

@@ -77,12 +77,13 @@ def epoch_order(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalFn, loss_fn: LossFn, meta: dict, log=print,
-        first_eval: dict | None = None) -> dict:
+        first_eval: dict | None = None, token_mean_loss: bool = True) -> dict:
     world = init_world()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     engine_cfg = cfg.engine_config()
-    trainer = Trainer(model, model, engine_cfg, world, out_dir, batch_fn, eval_fn, loss_fn=loss_fn, meta=meta, log=log)
+    trainer = Trainer(model, model, engine_cfg, world, out_dir, batch_fn, eval_fn, loss_fn=loss_fn, meta=meta, log=log,
+                      token_mean_loss=token_mean_loss)
     # Checkpoints of another config or starting model are not resumed from (removed, with a note).
     _drop_foreign_checkpoints(Path(out_dir) / "checkpoints", meta["resume_key"], log)
     resumed = trainer.resume()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from openmill.config import PretrainConfig
+from openmill.fused_loss import IGNORE_INDEX
 from openmill.train import checkpoint as ckpt
 from openmill.train.metrics import MetricsLog
 from openmill.train.parallel import World, all_reduce_mean
@@ -157,8 +158,12 @@ class Trainer:
         meta: dict | None = None,
         log=print,
         hooks: TrainingHooks | None = None,
+        token_mean_loss: bool = True,
     ):
+        """token_mean_loss: `loss_fn` is a mean over the targets it keeps (pretraining, SFT), so a
+        micro-batch weighs by its kept targets; False (DPO's per-pair loss): micro-batches weigh alike."""
         self.model, self.raw, self.cfg, self.world = model, raw_model, cfg, world
+        self.token_mean_loss = token_mean_loss
         self.out_dir = Path(out_dir)
         self.batch_fn, self.eval_fn, self.loss_fn = batch_fn, eval_fn, loss_fn
         self.stateful = stateful or {}  # name -> object with state_dict / load_state_dict
@@ -230,6 +235,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = self.batch_fn(step)
+        shares = self._micro_shares(micro)
         total = torch.zeros((), device=self.world.device)
         tokens = 0
         for i, (inputs, targets, extra) in enumerate(micro):
@@ -239,7 +245,8 @@ class Trainer:
             inputs, targets, extra = (t.to(self.world.device) for t in (inputs, targets, extra))
             # For pretraining `extra` is each row's source index (the monitor's per-source loss).
             with self._sync_context(last), self.autocast, self.hooks.capture(extra):
-                loss = self.loss_fn(self.model, inputs, targets, extra) / len(micro)
+                loss = self.loss_fn(self.model, inputs, targets, extra)
+                loss = loss / len(micro) if shares is None else loss * shares[i]
                 loss.backward()
             total += loss.detach()
             tokens += targets.numel()
@@ -252,6 +259,19 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(total, norm, tokens * self.world.size, lr, applied)
+
+    def _micro_shares(self, micro) -> list[float] | None:
+        """Each micro-batch's share of the step's loss, or None for equal shares (every micro-batch
+        keeps as many targets: pretraining). Weighing a token-mean loss by kept targets makes the
+        step's loss the mean over all of this process's kept targets whatever `grad_accum` is; the
+        plain average of micro-batch means would weigh a micro-batch of few answer tokens (SFT) as
+        much as a full one."""
+        if not self.token_mean_loss or len(micro) == 1:
+            return None
+        kept = [int((targets != IGNORE_INDEX).sum()) for _, targets, _ in micro]  # host tensors: no device sync
+        if len(set(kept)) == 1 or sum(kept) == 0:
+            return None
+        return [k / sum(kept) for k in kept]
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
