@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from openmill.eval.config import EvalConfig
 from openmill.eval.metrics import choice_scores, generate_scores
 from openmill.eval.runner import Encoder, Options, greedy_until, run_task
-from openmill.eval.scoring import plan_rows, score_groups
+from openmill.eval.scoring import plan_rows, rolling_nll, score_groups
 from openmill.eval.stage import run_eval
 from openmill.eval.tasks import TaskError, load_task_file, load_tasks
 from openmill.textmodel import load_text_model
@@ -172,3 +172,18 @@ def test_generation_longer_than_the_context_keeps_one_context_token(tmp_path, to
     assert isinstance(greedy_until(model, tok, ids, max_new=40, until=[]), str)
     assert isinstance(greedy_until(model, tok, ids, max_new=4, until=[]), str)
     assert calls == [(ids[-1:], 15), (ids[-12:], 4)]  # the context's last tokens, the room they leave
+
+
+def test_rolling_perplexity_gives_the_last_short_window_a_full_context(tmp_path, tokenizer_path):
+    """lm-eval's loglikelihood_rolling: full windows of max_seq_len tokens, each after the token
+    before it; the last, shorter window is read with the max_seq_len tokens before its end."""
+    model, _ = load_text_model(make_model_folder(tmp_path, tokenizer_path, max_seq_len=8))
+    ids = [int(t) for t in torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(0))]
+    seq = [1] + ids  # the prefix token, then the document
+
+    def nll(inputs, first, last):  # -log p(seq[j + 1]) for j in [first, last), reading `inputs` from seq[inputs[0]]
+        logp = F.log_softmax(model(torch.tensor([seq[inputs[0] : inputs[1]]]))[0].float(), dim=-1)
+        return -sum(float(logp[j - inputs[0], seq[j + 1]]) for j in range(first, last))
+
+    expected = nll((0, 8), 0, 8) + nll((5, 13), 8, 13)  # tokens 8-12 read tokens 5-12, not only 8-12
+    assert rolling_nll(model, ids, prefix_id=1) == pytest.approx(expected, rel=1e-5)

@@ -8,6 +8,7 @@ perplexity tasks score whole documents in max_seq_len windows. Tasks whose data 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,7 @@ def run_task(model, tok: TextTokenizer, spec: TaskSpec, opts: Options, progress:
         for p in prompts:
             doc = p.contexts[0]
             nll += rolling_nll(model, tok.encode(doc), enc.start_id)
-            words += len(doc.split())
+            words += len(re.split(r"\s+", doc))  # lm-eval's word count (a leading/trailing space counts)
             nbytes += len(doc.encode("utf-8"))
             if advance is not None:
                 advance(1)

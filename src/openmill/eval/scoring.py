@@ -176,14 +176,17 @@ def score_groups(
 @torch.no_grad()
 def rolling_nll(model: Transformer, ids: list[int], prefix_id: int) -> float:
     """Sum of negative log-likelihoods of every token of a document, in disjoint windows of
-    max_seq_len tokens, each window conditioned on the token before it (`prefix_id` for the first),
-    as lm-evaluation-harness's loglikelihood_rolling does."""
+    max_seq_len tokens scored once each, as lm-evaluation-harness's loglikelihood_rolling does:
+    a full window is conditioned on the token before it (`prefix_id` for the first); the last,
+    shorter one reads the max_seq_len tokens before its end and scores only its own."""
     device = model.embed_tokens.weight.device
     L = model.cfg.max_seq_len
-    seq = [prefix_id] + ids
+    seq = [prefix_id] + ids  # seq[i] is the input that predicts ids[i]
     total = 0.0
     for start in range(0, len(ids), L):
-        window = seq[start : start + L + 1]
-        inp, tgt = torch.tensor([window[:-1]], device=device), torch.tensor([window[1:]], device=device)
-        total += float(model(inp, targets=tgt)) * tgt.numel()
+        end = min(start + L, len(ids))
+        lo = max(0, end - L)  # = start, except for a short last window, which keeps a full context
+        inp = torch.tensor([seq[lo:end]], device=device)
+        tgt = torch.tensor([[-100] * (start - lo) + ids[start:end]], device=device)
+        total += float(model(inp, targets=tgt)) * (end - start)
     return total

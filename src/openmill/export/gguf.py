@@ -305,7 +305,8 @@ def tokenizer_from_gguf(reader, source: Path) -> tuple[str, TokenizerInfo]:
         pad_token=token("padding"),
         stop_tokens=list(dict.fromkeys(t for t in (eos, token("eot"), token("eom")) if t is not None)),
         chat_template=_field(reader, "tokenizer.chat_template"),
-        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        # Without the key llama.cpp adds BOS for the Llama 3 pre-tokenizers (the ones that ignore merges).
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", pre in IGNORE_MERGES)),
         gguf_pre=pre,
     )
     return hf.to_str(pretty=True), info
