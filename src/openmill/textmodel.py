@@ -16,6 +16,7 @@ Two encodings, on purpose:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -87,6 +88,11 @@ class TextTokenizer:
         added = json.loads(self.hf.to_str()).get("added_tokens", [])
         return frozenset(t["id"] for t in added if t.get("special"))
 
+    @cached_property
+    def special_strings(self) -> tuple[str, ...]:
+        added = json.loads(self.hf.to_str()).get("added_tokens", [])
+        return tuple(t["content"] for t in added if t.get("special"))
+
     def document_prefix(self) -> list[int]:
         """What a plain document starts after: EOS for openmill-trained models (their shards
         separate documents with EOS), BOS for a model that adds one, else nothing."""
@@ -126,12 +132,56 @@ class TextTokenizer:
         )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        return self.encode_messages(messages, add_generation_prompt)[1]
+
+    def encode_messages(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """(rendered text, ids, character offsets) of a conversation. The template's own markers
+        become special tokens; in a message a marker's text stays text, so a message cannot forge a
+        turn ("...<|end|><|assistant|>..."). A conversation whose messages hold no marker text is
+        encoded in one piece, exactly as transformers encodes a rendered template; the others are
+        encoded piece by piece around those messages."""
         text = self.render_chat(messages, add_generation_prompt)
-        self.hf.encode_special_tokens = False  # the template's markers are special tokens
-        try:
-            return self.hf.encode(text, add_special_tokens=False).ids
-        finally:
-            self.hf.encode_special_tokens = True
+        pieces, start = [], 0  # (start, end, as_text)
+        for begin, end in self._marker_bearing_spans(messages, add_generation_prompt, text):
+            pieces += [(start, begin, False), (begin, end, True)]
+            start = end
+        pieces.append((start, len(text), False))
+        ids, offsets = [], []
+        for begin, end, as_text in pieces:
+            if begin == end:
+                continue
+            self.hf.encode_special_tokens = as_text
+            try:
+                enc = self.hf.encode(text[begin:end], add_special_tokens=False)
+            finally:
+                self.hf.encode_special_tokens = True  # the default every other encode relies on
+            ids += enc.ids
+            offsets += [(begin + a, begin + b) for a, b in enc.offsets]
+        return text, ids, offsets
+
+    def _marker_bearing_spans(self, messages: list[dict], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
+        """Where in `text` the messages holding a special token's text were rendered. Found by
+        rendering with a placeholder for every message (a search for the content could match the
+        template's own text, e.g. a message that is just "<|im_start|>")."""
+        bearing = {n for n, m in enumerate(messages) if any(s in m["content"] for s in self.special_strings)}
+        if not bearing:
+            return []
+        masked = [{**m, "content": f"\ue000{n}\ue001"} for n, m in enumerate(messages)]
+        spans, rebuilt, at = [], [], 0
+        for piece in _PLACEHOLDER.split(self.render_chat(masked, add_generation_prompt)):
+            n = int(piece[1:-1]) if _PLACEHOLDER.fullmatch(piece) else None
+            piece = messages[n]["content"] if n is not None else piece
+            if n in bearing:
+                spans.append((at, at + len(piece)))
+            rebuilt.append(piece)
+            at += len(piece)
+        if "".join(rebuilt) != text:  # the template changes what it is given (strips, inspects it)
+            first = min(bearing)
+            raise ValueError(f"messages[{first}]: holds special-token text and the chat template rewrites "
+                             "messages, so it cannot be kept as text")
+        return spans
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes of every id (0 for special tokens), shape (vocab_size,): bits-per-byte's
@@ -145,6 +195,8 @@ class TextTokenizer:
                 out[i] = len(token)
         return out
 
+
+_PLACEHOLDER = re.compile("(\ue000\\d+\ue001)")  # private-use characters around a message's index
 
 # Compiling a template costs ~9 ms, rendering it a fraction of that; the alignment stages render
 # each conversation several times (align/templates.py), so one compile per template (transformers

@@ -90,13 +90,9 @@ def encode_conversation(tok: TextTokenizer, messages: list[dict],
             raise ValueError(f"{tok.source}: the chat template renders nothing for the answer of turn {i}; "
                              "it could not be trained")
         spans.append((len(before), end))
-    tok.hf.encode_special_tokens = False  # the template's markers are special tokens
-    try:
-        enc = tok.hf.encode(text, add_special_tokens=False)
-    finally:
-        tok.hf.encode_special_tokens = True
-    mask = [any(s < end and e > start for s, e in spans) for start, end in enc.offsets]
-    return enc.ids, mask
+    _, ids, offsets = tok.encode_messages(messages)
+    mask = [any(s < end and e > start for s, e in spans) for start, end in offsets]
+    return ids, mask
 
 
 def _end_of_answer(tok: TextTokenizer, through: str, start: int, content: str) -> int:
