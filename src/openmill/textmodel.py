@@ -8,9 +8,10 @@ evaluates or fine-tunes a model goes through `TextTokenizer`, so it works for bo
 Two encodings, on purpose:
 - `encode(text)`: a document or a raw prompt. Special-token strings in the text stay text
   ("<|im_end|>" typed by a user is never an end of turn), as in openmill's own tokenizer.
-- `encode_chat(messages)`: the chat template rendered to a string, then encoded with special
-  tokens recognised, which is what the template's markers are (transformers does the same with
-  apply_chat_template(tokenize=True)). So a message that contains a marker string acts as one.
+- `encode_chat(messages)`: the chat template rendered to a string, its markers encoded as the
+  special tokens they are. Marker text inside a message stays text, so a message cannot forge a
+  turn (transformers' apply_chat_template(tokenize=True) would let it); a conversation without
+  such text gives exactly transformers' ids.
 """
 
 from __future__ import annotations
