@@ -151,3 +151,34 @@ def test_model_json_that_is_not_json(tmp_path, tokenizer_path, command):
     line = fail_line(command[0], *sources, *command[1:], "--out", str(tmp_path / "out"))
     assert line.startswith(f"error: {folder / 'model.json'}: not valid JSON (")
     assert not (tmp_path / "out").exists()
+
+
+def test_out_never_replaces_a_folder_of_other_files(tmp_path, tokenizer_path):
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for command in (["export", str(folder), "--format", "hf"], ["upscale", str(folder), "--drop", "0"],
+                    ["merge", str(folder), str(folder)], ["import", str(folder)]):
+        line = fail_line(*command, "--out", str(mine))
+        assert line.startswith(f"error: --out {mine}: exists and holds something other than a model")
+    assert (mine / "notes.txt").read_text() == "keep me"
+    line = fail_line("export", str(folder), "--format", "gguf", "--out", str(mine))
+    assert line == f"error: --out {mine}: is a folder; expected a file path (e.g. {mine / 'model.gguf'})"
+    code, _ = run_cli("export", str(folder), "--format", "hf", "--out", str(tmp_path / "hf"))
+    code_again, _ = run_cli("export", str(folder), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert code == code_again == 0  # a model folder of its own is replaced, as before
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--max-new-tokens", "-1", "error: --max-new-tokens: Input should be greater than 0, got -1"),
+    ("--top-p", "2", "error: --top-p: Input should be less than or equal to 1, got 2.0"),
+])
+def test_generate_with_a_bad_option_is_one_line(tmp_path, tokenizer_path, option, value, expected):
+    folder = make_model_folder(tmp_path, tokenizer_path)
+    assert fail_line("generate", str(folder), "-p", "hi", option, value) == expected
+
+
+def test_bad_yaml_in_set_is_one_line(tmp_path):
+    line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", "pretrain={a: 1")
+    assert line.startswith("error: --set pretrain={a: 1: the value is not valid YAML (")

@@ -70,6 +70,9 @@ def test_override_syntax():
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     with pytest.raises(RecipeError, match="expected key=value"):
         parse_override("a.b")
+    for bad in ("pretrain={a: 1", "name=!!python/name:os.system"):  # one line, never a traceback
+        with pytest.raises(RecipeError, match=r"^--set .*: the value is not valid YAML \(.*\); quote it"):
+            parse_override(bad)
 
 
 def test_missing_recipe_file(tmp_path):

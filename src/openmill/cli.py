@@ -140,6 +140,22 @@ def _model_folder(model: Path) -> Path:
     return folder
 
 
+def _checked_out(out: Path, kind: str) -> Path:
+    """--out is written under a temporary name, then replaces what was there: refuse a path whose
+    current content is not of the kind written (a folder of other files would be deleted)."""
+    if out.resolve() == Path.cwd().resolve() or not out.resolve().name:
+        _fail(f"--out {out}: give a new path; it replaces what is there, and this is a working folder")
+    if kind == "file" and out.is_dir():
+        _fail(f"--out {out}: is a folder; expected a file path (e.g. {out / 'model.gguf'})")
+    if kind == "folder" and out.is_file():
+        _fail(f"--out {out}: is a file; expected a folder path")
+    model_files = ("model.json", "config.json")
+    if kind == "folder" and out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in model_files):
+        _fail(f"--out {out}: exists and holds something other than a model, which would be deleted; "
+              "give a new or empty folder")
+    return out
+
+
 @app.command("export")
 def export_cmd(
     model: ModelArg,
@@ -152,6 +168,7 @@ def export_cmd(
     from openmill.export import ExportError, export_gguf, export_hf
 
     folder = _model_folder(model)
+    _checked_out(out, "file" if format == "gguf" else "folder")
     try:
         if format == "hf":
             export_hf(folder, out, dtype=dtype)
@@ -172,6 +189,7 @@ def import_cmd(
     """Read a Llama/Mistral model from Hugging Face or GGUF into an openmill model folder."""
     from openmill.export import ExportError, import_gguf, import_hf
 
+    _checked_out(out, "folder")
     try:
         if source.is_file() and source.suffix == ".gguf":
             import_gguf(source, out)
@@ -212,12 +230,28 @@ def generate_cmd(
     seed: int = 0,
 ):
     """Sample continuations of PROMPT from a trained model."""
+    from pydantic import ValidationError
+
+    from openmill.export import ExportError
     from openmill.sample import complete
 
     folder = _model_folder(model)
-    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    for s in complete(folder, prompt, cfg, seed):
+    try:
+        cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        samples = complete(folder, prompt, cfg, seed)
+    except ValidationError as e:
+        _fail(_option_problem(e))
+    except (ValueError, ExportError) as e:
+        _fail(str(e))
+    for s in samples:
         typer.echo(f"{s['prompt']}{s['completion']}")
+
+
+def _option_problem(err) -> str:
+    """A pydantic error on options as one line naming the first bad option: `--top-p: ...`."""
+    problem = err.errors()[0]
+    option = "--" + str(problem["loc"][-1]).replace("_", "-")
+    return f"{option}: {problem['msg']}, got {problem['input']!r}"
 
 
 QuantizeOpt = Annotated[Optional[str], typer.Option(help="weight-only quantization for inference: int8 or int4")]
@@ -227,7 +261,7 @@ QuantizeOpt = Annotated[Optional[str], typer.Option(help="weight-only quantizati
 def serve_cmd(
     model: ModelArg,
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     name: Annotated[Optional[str], typer.Option(help="the model id clients ask for (default: the folder's name)")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="OPENMILL_API_KEY", help="require 'Authorization: Bearer KEY'")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together")] = 8,
@@ -240,8 +274,13 @@ def serve_cmd(
         from openmill.serve.app import ServeLimits, serve
     except ImportError as e:
         _fail(f"openmill serve needs the serve extra (pip install 'openmill[serve]'): {e}")
+    from openmill.export import ExportError
+
     limits = ServeLimits(max_batch=max_batch, max_context=max_context, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens))
-    serve(_model_folder(model), host, port, name, limits, api_key, quantize)
+    try:
+        serve(_model_folder(model), host, port, name, limits, api_key, quantize)
+    except (ValueError, ExportError) as e:  # the model folder, or --quantize, before anything is served
+        _fail(str(e))
 
 
 @app.command("chat")
@@ -253,7 +292,7 @@ def chat_cmd(
     top_p: float = 0.95,
     repetition_penalty: float = 1.0,
     seed: int = 0,
-    max_context: int = 2048,
+    max_context: Annotated[int, typer.Option(min=2, help="prompt + reply tokens kept")] = 2048,
     quantize: QuantizeOpt = None,
 ):
     """Chat with a model in the terminal (/reset, /exit)."""
@@ -290,6 +329,7 @@ def upscale_cmd(
     from openmill.surgery.upscale import depth_upscale
     from openmill.surgery.tensorfile import PeakMemory
 
+    _checked_out(out, "folder")
     try:
         ckpt = open_checkpoint(source)  # outside the measurement: its first model build imports ~80 MB of code
         with PeakMemory() as peak:
@@ -319,6 +359,7 @@ def merge_cmd(
         parsed = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         _fail(f"--weights: expected comma-separated numbers, got {weights!r}")
+    _checked_out(out, "folder")
     try:
         done = merge(sources, out, parsed, method, t)
     except SurgeryError as e:
@@ -340,6 +381,8 @@ def eval_cmd(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's)")] = None,
 ):
     """Evaluate one or more models on benchmark tasks and write a side-by-side report."""
+    from pydantic import ValidationError
+
     from openmill.eval.config import EvalConfig
     from openmill.eval.stage import run_eval
     from openmill.eval.tasks import TaskError
@@ -354,7 +397,9 @@ def eval_cmd(
             data_dir=data_dir, batch_size=batch_size, chat=chat, seed=seed, device=device, threads=threads,
         )
         results = run_eval(cfg, folders, out)
-    except (TaskError, ValueError) as e:
+    except ValidationError as e:
+        _fail(_option_problem(e))
+    except (TaskError, ValueError, OSError) as e:
         _fail(str(e).splitlines()[0])
     from openmill.eval.report import markdown_table
 

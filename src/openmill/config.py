@@ -299,7 +299,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise RecipeError(f"--set {text}: expected key=value, e.g. pretrain.steps=100")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({problem}); quote it to pass a string") from None
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
