@@ -132,6 +132,9 @@ def test_bookkeeping_changes_keep_the_checkpoints(prepared, tmp_path, capsys):
     run_recipe(load_recipe(TINY, SMALL + [f"run_dir={root}", *changed]), ["pretrain"], force=True)
     printed = capsys.readouterr().out
     assert "the recipe changed" not in printed and "step_000004 (step 4)" in printed
+    # Checkpoints hold tensors and plain values only, so resuming loads them with weights_only=True.
+    for pt in (root / "pretrain" / "checkpoints").glob("*/*.pt"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(pt) == [], pt
 
 
 def test_extending_a_wsd_run_equals_training_the_longer_run_from_the_start(prepared, tmp_path, capsys):

@@ -48,12 +48,17 @@ def barrier() -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's key array as a tensor: a checkpoint of tensors and plain Python values loads with
+    # torch.load(weights_only=True), which runs no code from the file.
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
@@ -136,8 +141,8 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     model_sd = load_file(str(folder / "model.safetensors"))
     set_model_state_dict(model, model_sd, options=opts)
-    optim_sd = torch.load(folder / "optimizer.pt", weights_only=False)
+    optim_sd = torch.load(folder / "optimizer.pt", weights_only=True)  # tensors and plain values only: no code runs
     set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    trainer = torch.load(folder / "trainer.pt", weights_only=False)
+    trainer = torch.load(folder / "trainer.pt", weights_only=True)
     set_rng_state(trainer["rng"])
     return trainer
