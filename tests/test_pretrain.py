@@ -228,3 +228,19 @@ def test_compiled_blocks_follow_the_eager_trajectory(prepared, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
+
+
+def test_a_checkpoint_from_before_the_tensor_rng_key_still_resumes(tmp_path):
+    """Older trainer.pt files hold numpy's RNG key as an array: allowed, and nothing else is."""
+    import numpy as np
+
+    from openmill.train.checkpoint import _NUMPY_ARRAY_GLOBALS, rng_state, set_rng_state
+
+    np.random.seed(7)
+    old_style = {**rng_state(), "numpy": np.random.get_state()}
+    expected = np.random.random()
+    torch.save({"rng": old_style}, tmp_path / "trainer.pt")
+    with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        loaded = torch.load(tmp_path / "trainer.pt", weights_only=True)
+    set_rng_state(loaded["rng"])
+    assert np.random.random() == expected

@@ -47,6 +47,10 @@ def barrier() -> None:
         dist.barrier()
 
 
+# What unpickling a numpy array needs, and nothing that can run other code.
+_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def rng_state() -> dict:
     # numpy's key array as a tensor: a checkpoint of tensors and plain Python values loads with
     # torch.load(weights_only=True), which runs no code from the file.
@@ -143,6 +147,8 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
     set_model_state_dict(model, model_sd, options=opts)
     optim_sd = torch.load(folder / "optimizer.pt", weights_only=True)  # tensors and plain values only: no code runs
     set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    trainer = torch.load(folder / "trainer.pt", weights_only=True)
+    # numpy arrays are allowed too: checkpoints written before the RNG key became a tensor hold one.
+    with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        trainer = torch.load(folder / "trainer.pt", weights_only=True)
     set_rng_state(trainer["rng"])
     return trainer
