@@ -221,17 +221,12 @@ def training_fingerprint(recipe: Recipe) -> str:
 def _drop_foreign_checkpoints(root: Path, resume_key: str, log) -> None:
     """Checkpoints of a run with another recipe are not resumed from: they are removed, with a note.
 
-    Judged on the newest checkpoint whose meta.json matches its recorded checksum: a torn one says
-    nothing about the recipe (the resume reports it and falls back to an older one).
+    Judged on the newest checkpoint whose meta.json is intact (`_newest_meta`).
     """
-    for _, folder in reversed(list_checkpoints(root)):
-        meta = _verified_meta(folder)
-        if meta is None:
-            continue
-        if meta.get("resume_key") != resume_key and is_main_process():
-            log(f"pretrain: the recipe changed since {folder.name}; starting over (old checkpoints removed)")
-            shutil.rmtree(root)
-        break
+    newest = _newest_meta(root)
+    if newest is not None and newest[1].get("resume_key") != resume_key and is_main_process():
+        log(f"pretrain: the recipe changed since {newest[0].name}; starting over (old checkpoints removed)")
+        shutil.rmtree(root)
     barrier()
 
 
@@ -242,8 +237,8 @@ def _wsd_extension_limit(root: Path, cfg, log) -> int | None:
     keep them over the new run's). None: no limit."""
     if cfg.schedule != "wsd":
         return None
-    metas = (_verified_meta(folder) for _, folder in reversed(list_checkpoints(root)))
-    old = next((m.get("steps", cfg.steps) for m in metas if m is not None), cfg.steps)
+    newest = _newest_meta(root)
+    old = newest[1].get("steps", cfg.steps) if newest is not None else cfg.steps
     if old == cfg.steps:
         return None
     limit = min(wsd_decay_start(old, cfg), wsd_decay_start(cfg.steps, cfg))
@@ -256,6 +251,16 @@ def _wsd_extension_limit(root: Path, cfg, log) -> int | None:
             shutil.rmtree(folder)
     barrier()
     return limit
+
+
+def _newest_meta(root: Path) -> tuple[Path, dict] | None:
+    """(folder, meta.json) of the newest checkpoint whose meta.json is intact; a torn one says
+    nothing about the run (the resume reports it and falls back to an older one)."""
+    for _, folder in reversed(list_checkpoints(root)):
+        meta = _verified_meta(folder)
+        if meta is not None:
+            return folder, meta
+    return None
 
 
 def _verified_meta(folder: Path) -> dict | None:
