@@ -6,13 +6,16 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from openmill.config import PretrainConfig, RecipeError, load_recipe
+from openmill.data.shards import TokenShards
 from openmill.stages import preflight, run_recipe
 from openmill.train import engine as engine_mod
 from openmill.train.metrics import read_metrics
+from openmill.train.pretrain import Validation, window_starts
 from openmill.train.schedule import lr_at
 
 from .conftest import REPO
@@ -244,3 +247,18 @@ def test_a_checkpoint_from_before_the_tensor_rng_key_still_resumes(tmp_path):
         loaded = torch.load(tmp_path / "trainer.pt", weights_only=True)
     set_rng_state(loaded["rng"])
     assert np.random.random() == expected
+
+
+def test_validation_windows_spread_over_the_whole_split(prepared):
+    """The windows sample the split from its first token to its last, without overlapping."""
+    shards = TokenShards(prepared / "tokens" / "zh" / "valid")
+    n_targets, length = shards.n_tokens - 1, 32
+    validation = Validation({"zh": shards}, np.ones(1024, dtype=np.int64), length, 256, "cpu")
+    starts = window_starts(n_targets, length, 256 // length)
+    assert starts[0] == 0 and starts[-1] == n_targets - length  # the last window ends at the split's end
+    assert all(b - a >= length for a, b in zip(starts, starts[1:]))
+    assert n_targets > 4 * 256  # so the spread differs from reading the first 256 tokens
+    expected = np.stack([shards.read(s, length + 1) for s in starts])
+    assert torch.equal(validation.rows["zh"], torch.from_numpy(expected))
+    assert window_starts(100, 10, 10) == [i * 10 for i in range(10)]  # exactly filled: back to back
+    assert window_starts(5, 5, 1) == [0]

@@ -62,8 +62,21 @@ def save_trained_model(folder: Path, model: Transformer, tokenizer_path: Path, s
     write_model_folder(folder, model.cfg, state, text, TokenizerInfo(), source)
 
 
+def window_starts(n_targets: int, length: int, n_rows: int) -> list[int]:
+    """Starts of `n_rows` windows of `length` targets spread evenly over `n_targets`, first to last.
+
+    Evenly spread rather than the split's first tokens: a split's head is whichever documents came
+    first, not a sample of it (zh's first 8,192 tokens were 45% Wikipedia, its whole split 20%).
+    Windows never overlap, since n_rows * length <= n_targets.
+    """
+    if n_rows <= 1:
+        return [0]
+    span = n_targets - length
+    return [i * span // (n_rows - 1) for i in range(n_rows)]
+
+
 class Validation:
-    """Loss and bits-per-byte per domain on fixed windows of each valid split.
+    """Loss and bits-per-byte per domain on fixed windows spread over each valid split.
 
     bpb = (sum of next-token losses in nats over targets that are text) / ln 2 / (UTF-8 bytes of
     those targets). Special tokens (EOS between documents) carry no bytes and are left out of both
@@ -75,9 +88,9 @@ class Validation:
         self.token_bytes = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
         self.rows = {}
         for name, s in shards.items():
-            n_rows = max(1, min(max_tokens, s.n_tokens - 1) // seq_len)
             length = min(seq_len, s.n_tokens - 1)
-            rows = np.stack([s.read(i * length, length + 1) for i in range(n_rows)])
+            starts = window_starts(s.n_tokens - 1, length, max(1, min(max_tokens, s.n_tokens - 1) // length))
+            rows = np.stack([s.read(start, length + 1) for start in starts])
             self.rows[name] = torch.from_numpy(rows.astype(np.int64))
 
     def __call__(self, model, batch_size: int = 8) -> dict[str, float]:
