@@ -27,6 +27,10 @@ from openmill.train.engine import Trainer, TrainingHooks
 from openmill.train.monitor import TrainingMonitor
 from openmill.train.parallel import World
 
+# The shell's status for a process ended by SIGTERM: schedulers and wrappers (Slurm requeue, torchrun's
+# restarts, `make`) see an unfinished run, not a success, although its state is safely checkpointed.
+EXIT_STOPPED = 128 + signal.SIGTERM
+
 
 class HeuriMentor(TrainingHooks):
     def __init__(self, cfg: PretrainConfig, dmu: DataManagementUnit, monitor: TrainingMonitor, world: World, run_dir: Path, log=print):
@@ -44,7 +48,7 @@ class HeuriMentor(TrainingHooks):
 
     @contextlib.contextmanager
     def sigterm_checkpoints(self):
-        """While training: SIGTERM asks for a checkpoint at the next step boundary and a clean exit."""
+        """While training: SIGTERM asks for a checkpoint at the next step boundary, then exit EXIT_STOPPED."""
         def ask_to_stop(signum, frame):
             self.stop_requested = True
 
@@ -118,7 +122,8 @@ class HeuriMentor(TrainingHooks):
             trainer.save()
             saved = trainer.state.step  # earlier than `step` after a rewind
             self.event(trainer, saved, {"event": "sigterm", "checkpoint": f"step_{saved:06d}"})
-            raise SystemExit(0)
+            self.log(f"pretrain: stopped by SIGTERM at step {saved}; rerun the same command to resume")
+            raise SystemExit(EXIT_STOPPED)
 
     def _apply_control(self, trainer: Trainer, step: int, settings: dict) -> None:
         try:
