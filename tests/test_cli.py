@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from openmill.cli import app
+from openmill.cli import app, main
 from openmill.config import ModelConfig, load_recipe
 from openmill.model import build_model
 from openmill.stages import run_recipe
@@ -29,6 +29,26 @@ def fail_line(*args) -> str:
     lines = out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out
     return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["generate"], "error: Missing argument 'model'. (see `openmill generate --help`)"),
+        (["serve", "x", "--port", "99999"],
+         "error: Invalid value for '--port': Input should be less than or equal to 65535 (see `openmill serve --help`)"),
+        (["nosuch"], "error: No such command 'nosuch'. (see `openmill --help`)"),
+    ],
+)
+def test_usage_errors_of_the_entry_point_are_one_line(args, line, capsys):
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == line  # not Typer's boxed panel
+
+
+def test_the_entry_point_passes_on_exit_statuses(capsys):
+    assert main(["generate", "--help"]) == 0 and "--prompt" in capsys.readouterr().out
+    assert main(["generate", "/nonexistent", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.startswith("error: /nonexistent: ")
 
 
 def test_missing_file(tmp_path):

@@ -407,8 +407,24 @@ def eval_cmd(
     typer.echo(f"wrote {out}/results.json, results.md, results.png")
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """The console entry point. Typer's own usage errors (a missing argument, an option out of
+    range, an unknown command) end like ours: one line and status 2, not a boxed panel."""
+    try:
+        code = app(argv, prog_name="openmill", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C or end of input while a command reads it
+        typer.echo("Aborted!", err=True)
+        return 1
+    except typer.TyperException as e:  # click's UsageError family, as Typer ships it
+        ctx = getattr(e, "ctx", None)
+        message = e.format_message()
+        if not message and ctx is not None:  # a bare `openmill` or verb: the help is the answer
+            typer.echo(ctx.get_help())
+            return 0
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.secho(f"error: {message}{hint}", err=True, fg=typer.colors.RED)
+        return e.exit_code
+    return code if isinstance(code, int) else 0  # typer.Exit(n) comes back as n
 
 
 if __name__ == "__main__":
