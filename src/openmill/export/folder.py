@@ -170,9 +170,15 @@ def write_model_folder(out_dir: Path, cfg: ModelConfig, state: dict[str, torch.T
                               f"the config needs {shape}")
     with atomic_dir(Path(out_dir)) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"model": cfg.model_dump(mode="json"), "tokenizer": asdict(tokenizer), "source": source}
-        atomic_write_json(tmp / "model.json", meta)
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        write_folder_description(tmp, cfg, tokenizer_json, tokenizer, source)
+
+
+def write_folder_description(folder: Path, cfg: ModelConfig, tokenizer_json: str, tokenizer: TokenizerInfo,
+                             source: dict) -> None:
+    """model.json and tokenizer.json: everything of a model folder but its weights."""
+    meta = {"model": cfg.model_dump(mode="json"), "tokenizer": asdict(tokenizer), "source": source}
+    atomic_write_json(folder / "model.json", meta)
+    (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple]:

@@ -10,7 +10,7 @@ into a Hugging Face one).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,14 +19,15 @@ import torch
 from openmill.config import ModelConfig
 from openmill.export.folder import (
     ExportError,
+    ModelFolder,
     TokenizerInfo,
     _param_shapes,
-    checked_model_config,
     param_order,
     read_json,
+    write_folder_description,
 )
 from openmill.export.hf import _weight_files, config_from_hf, from_hf_name, tokenizer_from_hf
-from openmill.rundir import atomic_dir, atomic_write_json
+from openmill.rundir import atomic_dir
 from openmill.surgery.tensorfile import SurgeryError, TensorInfo, read_header, read_many, read_tensor, write_streaming
 
 
@@ -57,20 +58,14 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 
 def _open_openmill(path: Path) -> Checkpoint:
-    for name in ("model.safetensors", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise SurgeryError(f"{path}: not an openmill model folder ({name} missing)")
-    meta = _read_json(path / "model.json")
-    if "model" not in meta:
-        raise SurgeryError(f"{path / 'model.json'}: no 'model' field (the model config)")
     try:
-        cfg = checked_model_config(meta["model"], path / "model.json", prefix="model.")
+        folder = ModelFolder.open(path)
     except ExportError as e:
         raise SurgeryError(str(e)) from None
-    tensors = read_header(path / "model.safetensors")
-    _check_names(path, cfg, tensors)
-    return Checkpoint(path, "openmill", cfg, tensors, (path / "tokenizer.json").read_text(encoding="utf-8"),
-                      TokenizerInfo.from_dict(meta.get("tokenizer", {})))
+    tensors = read_header(folder.weights_path)
+    _check_names(path, folder.cfg, tensors)
+    return Checkpoint(path, "openmill", folder.cfg, tensors, (path / "tokenizer.json").read_text(encoding="utf-8"),
+                      folder.tokenizer)
 
 
 def _open_hf(path: Path) -> Checkpoint:
@@ -91,13 +86,6 @@ def _open_hf(path: Path) -> Checkpoint:
     return Checkpoint(path, "hf", cfg, tensors, tokenizer_json, info)
 
 
-def _read_json(path: Path):
-    try:
-        return read_json(path)
-    except ExportError as e:
-        raise SurgeryError(str(e)) from None
-
-
 def _check_names(path: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
     expected = _param_shapes(cfg)
     for name in sorted(set(expected) | set(tensors), key=param_order):
@@ -115,7 +103,5 @@ def write_folder(out_dir: Path, cfg: ModelConfig, plan: list[tuple[str, torch.dt
     """An openmill model folder whose weights are produced tensor by tensor (see tensorfile.py)."""
     with atomic_dir(Path(out_dir)) as tmp:
         write_streaming(tmp / "model.safetensors", plan, produce, metadata={"format": "pt"})
-        meta = {"model": cfg.model_dump(mode="json"), "tokenizer": asdict(tokenizer), "source": source}
-        atomic_write_json(tmp / "model.json", meta)
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        write_folder_description(tmp, cfg, tokenizer_json, tokenizer, source)
     return Path(out_dir)
