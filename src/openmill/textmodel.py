@@ -11,7 +11,8 @@ Two encodings, on purpose:
 - `encode_chat(messages)`: the chat template rendered to a string, its markers encoded as the
   special tokens they are. Marker text inside a message stays text, so a message cannot forge a
   turn (transformers' apply_chat_template(tokenize=True) would let it); a conversation without
-  such text gives exactly transformers' ids.
+  such text gives exactly transformers' ids. `encode_rendered` does the same for a rendering cut
+  short or followed by text (evaluation's prompt/answer split).
 """
 
 from __future__ import annotations
@@ -144,8 +145,34 @@ class TextTokenizer:
         encoded in one piece, exactly as transformers encodes a rendered template; the others are
         encoded piece by piece around those messages."""
         text = self.render_chat(messages, add_generation_prompt)
+        spans = self._marker_bearing_spans(messages, add_generation_prompt, text)
+        ids, offsets = self._encode_keeping_text(text, spans)
+        return text, ids, offsets
+
+    def encode_rendered(self, messages: list[dict], text: str, add_generation_prompt: bool = False) -> list[int]:
+        """Ids of `text`: the rendered conversation cut short, or followed by a tail. This is how
+        lm-evaluation-harness splits a chat prompt from the answer it scores (eval/runner.py: ids of
+        the prompt without its trailing whitespace, then of prompt + answer). As in encode_messages,
+        the template's markers are special tokens and the messages' text stays text; so does the
+        tail, the evaluated answer. Text of ordinary messages and tails gives the ids of encoding
+        `text` in one piece with markers recognised, as transformers does."""
+        rendered = self.render_chat(messages, add_generation_prompt)
+        if not (rendered.startswith(text) or text.startswith(rendered)):
+            raise ValueError("text is neither a prefix nor a continuation of the rendered conversation")
+        end = len(rendered)
+        spans = self._marker_bearing_spans(messages, add_generation_prompt, rendered)
+        spans = [(begin, min(stop, len(text))) for begin, stop in spans if begin < len(text)]
+        # A marker ending in the tail (even one the template's last characters begin) stays text.
+        if any(s in text[max(0, end - len(s) + 1) :] for s in self.special_strings):
+            spans.append((end, len(text)))
+        return self._encode_keeping_text(text, spans)[0]
+
+    def _encode_keeping_text(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets) of `text` with special-token strings encoded as the special
+        tokens, except inside `spans` (sorted, disjoint (start, end)): each of those is encoded on
+        its own, as text. No spans: one piece, exactly as transformers encodes it."""
         pieces, start = [], 0  # (start, end, as_text)
-        for begin, end in self._marker_bearing_spans(messages, add_generation_prompt, text):
+        for begin, end in spans:
             pieces += [(start, begin, False), (begin, end, True)]
             start = end
         pieces.append((start, len(text), False))
@@ -160,7 +187,7 @@ class TextTokenizer:
                 self.hf.encode_special_tokens = True  # the default every other encode relies on
             ids += enc.ids
             offsets += [(begin + a, begin + b) for a, b in enc.offsets]
-        return text, ids, offsets
+        return ids, offsets
 
     def _marker_bearing_spans(self, messages: list[dict], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
         """Where in `text` the messages holding a special token's text were rendered. Found by

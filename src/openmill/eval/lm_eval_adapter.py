@@ -55,7 +55,7 @@ class OpenmillLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else until
             max_new = int(kwargs.get("max_gen_toks", 256))
-            outputs.append(greedy_until(self.model, self.tok, self.enc.ids(context), max_new, until))
+            outputs.append(greedy_until(self.model, self.tok, self.enc.prompt(context), max_new, until))
         return outputs
 
 

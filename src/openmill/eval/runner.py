@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +47,10 @@ class TaskResult:
 
 
 class Encoder:
-    """Strings to ids for one model: the folder's document prefix, or its chat template."""
+    """Prompts to ids for one model: after the folder's document prefix, or as the one user message
+    of its chat template. Chat goes through TextTokenizer's chat encoding: the template's markers
+    are special tokens, while marker text in a question or an answer stays text (it cannot forge a
+    turn)."""
 
     def __init__(self, tok: TextTokenizer, chat: bool):
         self.tok, self.chat = tok, chat
@@ -54,28 +58,22 @@ class Encoder:
         # What an empty context is conditioned on (lm-evaluation-harness: BOS, else EOS).
         self.start_id = self.prefix[-1] if self.prefix else (tok.bos_id if tok.bos_id is not None else tok.eos_id)
 
-    def context_text(self, context: str) -> str:
-        if not self.chat:
-            return context
-        return self.tok.render_chat([{"role": "user", "content": context}], add_generation_prompt=True)
-
-    def ids(self, text: str) -> list[int]:
-        # Chat markers in a rendered template are special tokens; in a plain prompt they are text.
+    def prompt(self, context: str) -> list[int]:
+        """The ids a generation continues (chat: ending with the template's assistant header)."""
         if self.chat:
-            self.tok.hf.encode_special_tokens = False
-            try:
-                return self.tok.hf.encode(text, add_special_tokens=False).ids
-            finally:
-                self.tok.hf.encode_special_tokens = True
-        return self.prefix + self.tok.encode(text)
+            return self.tok.encode_chat([{"role": "user", "content": context}], add_generation_prompt=True)
+        return self.prefix + self.tok.encode(context)
 
     def group(self, context: str, continuations: list[str]) -> Group:
-        context = self.context_text(context)
+        encode = self.prompt
         if self.chat:  # the assistant's answer starts right after the template's header
+            messages = [{"role": "user", "content": context}]
+            context = self.tok.render_chat(messages, add_generation_prompt=True)
+            encode = partial(self.tok.encode_rendered, messages, add_generation_prompt=True)
             continuations = [c.lstrip(" ") for c in continuations]
         if not context:
-            return Group([self.start_id], [self.ids(c)[len(self.prefix) :] for c in continuations])
-        pairs = [encode_pair(self.ids, context, c) for c in continuations]
+            return Group([self.start_id], [self.tok.encode(c) for c in continuations])
+        pairs = [encode_pair(encode, context, c) for c in continuations]
         return Group(pairs[0][0], [p[1] for p in pairs])
 
 
@@ -136,8 +134,7 @@ def run_task(model, tok: TextTokenizer, spec: TaskSpec, opts: Options, progress:
             rows.append({"index": p.index, "lls": values, **score})
     elif spec.kind in ("generate", "strict_choice"):
         for p in prompts:
-            ids = enc.ids(enc.context_text(p.contexts[0]))
-            output = greedy_until(model, enc.tok, ids, spec.max_new_tokens, spec.until)
+            output = greedy_until(model, enc.tok, enc.prompt(p.contexts[0]), spec.max_new_tokens, spec.until)
             if spec.kind == "generate":
                 score = generate_scores(output, p.gold, spec.extract, spec.ignore, spec.metrics)
             else:
