@@ -68,3 +68,17 @@ def test_sft_stage_lowers_heldout_loss_on_the_embedded_sample(tmp_path, tokenize
     assert len(metrics["chat"]) == 1
     model, tok = load_text_model(tmp_path / "sft" / "final")  # a plain model folder with the template trained on
     assert tok.info.chat_template == TextTokenizer.from_folder(folder).info.chat_template
+
+    # A run that died after its last checkpoint (before the final folder) resumes at its last step,
+    # even with other chat prompts and threads (they do not change what is trained): nothing to
+    # train, and the summary still has both evaluations, the same numbers.
+    import shutil
+
+    shutil.rmtree(tmp_path / "sft" / "final")
+    told = []
+    changed = cfg.model_copy(update={"chat_prompts": ["你是谁？"], "threads": 1})
+    _, again = run_sft(changed, folder, tmp_path / "sft", seed=0, log=told.append)
+    assert any(line.startswith("resuming from") and "step_000020" in line for line in told)
+    assert again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+    assert [c["user"] for c in again["chat"]] == ["你是谁？"]
+    assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()

@@ -227,8 +227,8 @@ STAGE_TABLE: dict[str, Stage] = {
         ),
         Stage("generate", ("seed", "generate"), lambda r: [model_before(r, "generate")], _generate),
         Stage("export", ("export",), lambda r: [model_before(r, "export")], _export),
-        Stage("sft", ("seed", "sft"), lambda r: [_sft_start(r), *r.sft.train, *r.sft.valid], _sft),
-        Stage("dpo", ("seed", "dpo"), lambda r: [_dpo_start(r), *r.dpo.train, *r.dpo.valid], _dpo),
+        Stage("sft", ("seed", "sft"), lambda r: [_sft_start(r), *r.sft.train, *r.sft.valid], _sft, distributed=True),
+        Stage("dpo", ("seed", "dpo"), lambda r: [_dpo_start(r), *r.dpo.train, *r.dpo.valid], _dpo, distributed=True),
         Stage("eval", ("eval",), _eval_inputs, _eval),
     )
 }

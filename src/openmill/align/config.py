@@ -47,7 +47,7 @@ class AlignStage(Strict):
     chat_max_new_tokens: int = Field(48, gt=0)
 
     steps: int = Field(100, gt=0)
-    batch_size: int = Field(8, gt=0)  # sequences (SFT) or pairs (DPO) per optimizer step
+    batch_size: int = Field(8, gt=0)  # rows (SFT) or pairs (DPO) per optimizer step, summed over processes
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -58,6 +58,9 @@ class AlignStage(Strict):
     beta2: float = 0.95
     grad_clip: float = Field(1.0, ge=0)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # Under torchrun: DDP ("auto", "ddp") or FSDP2 ("fsdp"), as pretrain.parallel; batch_size is then
+    # summed over processes and must divide by processes x grad_accum.
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     threads: int | None = None
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(50, gt=0)

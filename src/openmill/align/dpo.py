@@ -30,6 +30,7 @@ from openmill.align.sft import Example, collate
 from openmill.align.templates import encode_conversation
 from openmill.textmodel import TextTokenizer
 from openmill.train.engine import autocast_context
+from openmill.train.parallel import World, all_reduce_sum, init_world, unwrap
 
 
 def tokenize_pairs(pairs: list[Pair], tok: TextTokenizer, cfg: DpoConfig, where: str,
@@ -82,15 +83,21 @@ def length_batches(pairs: list[tuple[Example, Example]], batch_pairs: int) -> li
     return [order[i : i + batch_pairs] for i in range(0, len(order), batch_pairs)]
 
 
-def pair_logps(model, pairs: list[tuple[Example, Example]], pad_id: int, batch_pairs: int) -> torch.Tensor:
-    """(n, 2) summed log-probs of (chosen, rejected) under the model, in the pairs' order."""
-    device = model.embed_tokens.weight.device
-    out = torch.empty(len(pairs), 2)
-    for idx in length_batches(pairs, batch_pairs):
+def pair_logps(model, pairs: list[tuple[Example, Example]], pad_id: int, batch_pairs: int, world: World = World()) -> torch.Tensor:
+    """(n, 2) summed log-probs of (chosen, rejected) under the model, in the pairs' order. Under
+    torchrun each process scores a share of the batches (common.eval_share) and every process gets
+    the whole table (all-reduced: the others' rows are 0 on each)."""
+    net = unwrap(model)  # a no-grad forward needs nothing of DDP's wrapper
+    device = net.embed_tokens.weight.device
+    batches = length_batches(pairs, batch_pairs)
+    out = torch.zeros(len(pairs), 2, device=device)
+    for j, counted in common.eval_share(len(batches), world):
+        idx = batches[j]
         x, y = pair_batch([pairs[i] for i in idx], pad_id)
-        lp, _ = sequence_logps(model, x.to(device), y.to(device))
-        out[idx] = torch.stack([lp[: len(idx)], lp[len(idx) :]], dim=1).float().cpu()
-    return out
+        lp, _ = sequence_logps(net, x.to(device), y.to(device))
+        if counted:
+            out[idx] = torch.stack([lp[: len(idx)], lp[len(idx) :]], dim=1).float()
+    return all_reduce_sum(out).cpu()
 
 
 def dpo_terms(cfg: DpoConfig, logps, lengths, ref) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,15 +117,16 @@ def dpo_terms(cfg: DpoConfig, logps, lengths, ref) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id: int, batch_pairs: int = 4, dtype: str = "fp32") -> torch.Tensor:
+def reference_logps(model, pairs, pad_id: int, batch_pairs: int = 4, dtype: str = "fp32", world: World = World()) -> torch.Tensor:
     """(n, 2) log-probs of (chosen, rejected) under the model as it is now: the DPO reference.
 
     `dtype` is the stage's: the forward runs in the autocast context the engine runs the policy
-    in, so the log-ratio is exactly 0 at step 0 (an fp32 reference of a bf16 policy is not)."""
+    in, so the log-ratio is exactly 0 at step 0 (an fp32 reference of a bf16 policy is not).
+    Under torchrun the processes share the work and each gets every pair's (pair_logps)."""
     was_training = model.training
     model.eval()
     with autocast_context(dtype, model.embed_tokens.weight.device):
-        out = pair_logps(model, pairs, pad_id, batch_pairs)
+        out = pair_logps(model, pairs, pad_id, batch_pairs, world)
     model.train(was_training)
     return out
 
@@ -144,12 +152,12 @@ def preference_metrics(cfg: DpoConfig, logps: torch.Tensor, lengths: torch.Tenso
             "val/margin": float(margin.mean()), "val/logp_accuracy": float((per_token[:, 0] > per_token[:, 1]).float().mean())}
 
 
-def preference_eval(cfg: DpoConfig, pairs, ref: torch.Tensor, pad_id: int, batch_pairs: int = 4):
-    """Evaluator on held-out pairs (preference_metrics)."""
+def preference_eval(cfg: DpoConfig, pairs, ref: torch.Tensor, pad_id: int, batch_pairs: int = 4, world: World = World()):
+    """Evaluator on held-out pairs (preference_metrics); every process gets the same numbers."""
     lengths = answer_lengths(pairs)
 
     def evaluate(model) -> dict[str, float]:
-        return preference_metrics(cfg, pair_logps(model, pairs, pad_id, batch_pairs), lengths, ref)
+        return preference_metrics(cfg, pair_logps(model, pairs, pad_id, batch_pairs, world), lengths, ref)
 
     return evaluate
 
@@ -158,6 +166,9 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     out_dir = Path(out_dir)
     if not cfg.train:
         raise ValueError("dpo.train: no data files given")
+    world = init_world()
+    common.require_batch_split(cfg, world, "dpo")
+    log = log if world.is_main else (lambda *a, **k: None)
     torch.manual_seed(seed)
     model, tok, facts = common.load_start(init_from, cfg, log)
     train = load_pairs(cfg.train, cfg.format, cfg.bad_records)
@@ -177,18 +188,21 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     }
     log(f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train_pairs)} pairs, {len(valid_pairs)} held out; "
         f"skipped {data['skipped_records'] or 'none'}, too long {data['dropped_too_long'] or 'none'}")
-    # Reference log-probs before the first update (and before LoRA changes anything: B starts at 0).
+    # Reference log-probs before the first update (and before LoRA changes anything: B starts at 0),
+    # of the plain model before the engine wraps it: every process keeps the whole table, and the
+    # reference never takes part in a backward.
     started = time.perf_counter()
-    ref_train = reference_logps(model, train_pairs, pad_id, dtype=cfg.dtype)
+    ref_train = reference_logps(model, train_pairs, pad_id, dtype=cfg.dtype, world=world)
     # in the evaluator's batches and autocast: its step 0, exactly
-    ref_valid = reference_logps(model, valid_pairs, pad_id, dtype=cfg.dtype)
+    ref_valid = reference_logps(model, valid_pairs, pad_id, dtype=cfg.dtype, world=world)
     log(f"reference log-probs of {len(train_pairs) + len(valid_pairs)} pairs: {time.perf_counter() - started:.0f} s")
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = cfg.batch_size // world.size // cfg.grad_accum
 
     def batch_fn(step: int):
-        picked = common.epoch_order(step, cfg.batch_size, len(train_pairs), seed)
+        # A per-pair loss: every process has as many pairs, so the processes' mean is the batch's.
+        picked = common.step_share(step, cfg, len(train_pairs), seed, world)
         out = []
-        for i in range(0, cfg.batch_size, micro):
+        for i in range(0, len(picked), micro):
             idx = picked[i : i + micro]
             x, y = pair_batch([train_pairs[j] for j in idx], pad_id)
             out.append((x, y, ref_train[idx]))
@@ -197,16 +211,19 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     # At step 0 the policy is its reference: the reference pass already gave the held-out
     # evaluation (the same forward), so it is not run a second time.
     step0 = preference_metrics(cfg, ref_valid, answer_lengths(valid_pairs), ref_valid)
-    result = common.fit(model, cfg, out_dir, batch_fn, preference_eval(cfg, valid_pairs, ref_valid, pad_id), make_loss(cfg),
-                        {"stage": "dpo", "resume_key": common.resume_key(cfg, init_from)}, log, first_eval=step0,
-                        token_mean_loss=False)  # a loss per pair: micro-batches of as many pairs weigh alike
-    model.eval()
-    replies = common.chat(model, tok, cfg.chat_prompts, cfg.system_prompt, cfg.chat_max_new_tokens)
-    common.save_final(out_dir / "final", model, tok, init_from, {"stage": "dpo", "init_from": str(init_from), "steps": cfg.steps})
+    result, trained = common.fit(model, cfg, out_dir, batch_fn, preference_eval(cfg, valid_pairs, ref_valid, pad_id, world=world),
+                                 make_loss(cfg), {"stage": "dpo", "resume_key": common.resume_key(cfg, init_from)}, log,
+                                 first_eval=step0, token_mean_loss=False)  # a loss per pair: micro-batches of as many pairs weigh alike
+    replies = []
+    if world.is_main:
+        trained.eval()
+        replies = common.chat(trained, tok, cfg.chat_prompts, cfg.system_prompt, cfg.chat_max_new_tokens)
+        common.save_final(out_dir / "final", trained, tok, init_from, {"stage": "dpo", "init_from": str(init_from), "steps": cfg.steps})
     first, last = result["first_eval"] or {}, result["last_eval"]
     metrics = {
         **facts,
         **data,
+        "processes": world.size,
         "val_accuracy": {"step0": first.get("val/accuracy"), "final": last["val/accuracy"]},
         "val_margin": {"step0": first.get("val/margin"), "final": last["val/margin"]},
         "val_logp_accuracy": {"step0": first.get("val/logp_accuracy"), "final": last["val/logp_accuracy"]},

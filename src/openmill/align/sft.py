@@ -24,6 +24,7 @@ from openmill.align.config import SftConfig
 from openmill.align.data import load_conversations
 from openmill.align.templates import encode_conversation
 from openmill.textmodel import TextTokenizer
+from openmill.train.parallel import World, all_reduce_sum, init_world, unwrap
 
 PAD_DOC = -1  # document id of padding: padding attends only to padding, and has no targets
 
@@ -88,17 +89,22 @@ def sft_loss(model, inputs, targets, doc_ids):
     return model(inputs, targets=targets, doc_ids=doc_ids)
 
 
-def heldout_loss(rows: list[list[Example]], pad_id: int, batch_rows: int = 8):
-    """Evaluator: token-weighted mean loss over every held-out assistant token."""
+def heldout_loss(rows: list[list[Example]], pad_id: int, batch_rows: int = 8, world: World = World()):
+    """Evaluator: token-weighted mean loss over every held-out assistant token. Under torchrun each
+    process evaluates a share of the batches (common.eval_share) and the sums are all-reduced, so
+    every process gets the number one process would."""
+    starts = range(0, len(rows), batch_rows)
 
     def evaluate(model) -> dict[str, float]:
-        device = model.embed_tokens.weight.device
-        total, count = 0.0, 0
-        for i in range(0, len(rows), batch_rows):
-            x, y, d = (t.to(device) for t in collate(rows[i : i + batch_rows], pad_id))
-            n = int((y != -100).sum())
-            total += float(model(x, targets=y, doc_ids=d)) * n
-            count += n
+        net = unwrap(model)  # a no-grad forward needs nothing of DDP's wrapper
+        sums = torch.zeros(2, dtype=torch.float64, device=net.embed_tokens.weight.device)  # (loss x tokens, tokens)
+        for j, counted in common.eval_share(len(starts), world):
+            x, y, d = (t.to(sums.device) for t in collate(rows[starts[j] : starts[j] + batch_rows], pad_id))
+            n = (y != -100).sum().double()
+            loss = net(x, targets=y, doc_ids=d)
+            if counted:
+                sums += torch.stack([loss.double() * n, n])
+        total, count = all_reduce_sum(sums).tolist()
         return {"val/loss": total / max(1, count)}
 
     return evaluate
@@ -108,6 +114,9 @@ def run_sft(cfg: SftConfig, init_from: Path, out_dir: Path, seed: int, log=print
     out_dir = Path(out_dir)
     if not cfg.train:
         raise ValueError("sft.train: no data files given")
+    world = init_world()
+    common.require_batch_split(cfg, world, "sft")
+    log = log if world.is_main else (lambda *a, **k: None)
     torch.manual_seed(seed)
     model, tok, facts = common.load_start(init_from, cfg, log)
     train = load_conversations(cfg.train, cfg.format, cfg.bad_records)
@@ -121,11 +130,11 @@ def run_sft(cfg: SftConfig, init_from: Path, out_dir: Path, seed: int, log=print
     train_rows = pack(train_ex, cfg.seq_len) if cfg.packing else [[ex] for ex in train_ex]
     valid_rows = pack(valid_ex, cfg.seq_len) if cfg.packing else [[ex] for ex in valid_ex]
     pad_id = tok.pad_id
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = cfg.batch_size // world.size // cfg.grad_accum
 
     def batch_fn(step: int):
-        picked = [train_rows[i] for i in common.epoch_order(step, cfg.batch_size, len(train_rows), seed)]
-        return [collate(picked[i : i + micro], pad_id) for i in range(0, cfg.batch_size, micro)]
+        picked = [train_rows[i] for i in common.step_share(step, cfg, len(train_rows), seed, world)]
+        return [collate(picked[i : i + micro], pad_id) for i in range(0, len(picked), micro)]
 
     data = {
         "train_conversations": len(train_ex),
@@ -137,14 +146,17 @@ def run_sft(cfg: SftConfig, init_from: Path, out_dir: Path, seed: int, log=print
     }
     log(f"sft: {data['train_conversations']} conversations in {len(train_rows)} rows, {len(valid_ex)} held out; "
         f"skipped {data['skipped_records'] or 'none'}, too long {data['dropped_too_long'] or 'none'}")
-    result = common.fit(model, cfg, out_dir, batch_fn, heldout_loss(valid_rows, pad_id), sft_loss,
-                        {"stage": "sft", "resume_key": common.resume_key(cfg, init_from)}, log)
-    model.eval()
-    replies = common.chat(model, tok, cfg.chat_prompts, cfg.system_prompt, cfg.chat_max_new_tokens)
-    common.save_final(out_dir / "final", model, tok, init_from, {"stage": "sft", "init_from": str(init_from), "steps": cfg.steps})
+    result, trained = common.fit(model, cfg, out_dir, batch_fn, heldout_loss(valid_rows, pad_id, world=world), sft_loss,
+                                 {"stage": "sft", "resume_key": common.resume_key(cfg, init_from)}, log)
+    replies = []
+    if world.is_main:
+        trained.eval()
+        replies = common.chat(trained, tok, cfg.chat_prompts, cfg.system_prompt, cfg.chat_max_new_tokens)
+        common.save_final(out_dir / "final", trained, tok, init_from, {"stage": "sft", "init_from": str(init_from), "steps": cfg.steps})
     metrics = {
         **facts,
         **data,
+        "processes": world.size,
         "val_loss": {"step0": (result["first_eval"] or {}).get("val/loss"), "final": result["last_eval"]["val/loss"]},
         "chat": replies,
     }

@@ -1,5 +1,11 @@
 """What the sft and dpo stages share: the starting model, held-out split, the engine run, the
-saved folder (with the chat template trained on), and the closing chat."""
+saved folder (with the chat template trained on), and the closing chat.
+
+Under torchrun both stages are data-parallel as pretraining is (train/parallel.py: DDP or FSDP2 by
+`parallel`): each process trains on a disjoint share of every global batch, evaluates a share of
+the held-out batches (sums all-reduced), and process 0 alone writes metrics, checkpoints, the
+final folder and the chat replies.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from openmill.align.config import AlignStage
 from openmill.align.lora import apply_lora, merge_lora
 from openmill.align.templates import with_template
 from openmill.export.folder import write_model_folder
 from openmill.generate import generate
+from openmill.model import build_model
 from openmill.textmodel import TextTokenizer, load_text_model
 from openmill.train.engine import BatchFn, EvalFn, LossFn, Trainer
 from openmill.train.metrics import MetricsLog
-from openmill.train.parallel import init_world
-from openmill.train.pretrain import _drop_foreign_checkpoints
+from openmill.train.parallel import World, init_world, parallelize, unwrap
+from openmill.train.pretrain import BOOKKEEPING, _drop_foreign_checkpoints
 
 
 def load_start(folder: Path, cfg: AlignStage, log=print) -> tuple[nn.Module, TextTokenizer, dict]:
@@ -76,14 +85,44 @@ def epoch_order(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def require_batch_split(cfg: AlignStage, world: World, stage: str) -> None:
+    """batch_size is the global batch (as pretrain's): every process takes as many rows or pairs,
+    in grad_accum equal micro-batches."""
+    if cfg.batch_size % (world.size * cfg.grad_accum):
+        raise ValueError(f"{stage}.batch_size {cfg.batch_size} must divide by processes x grad_accum "
+                         f"({world.size} x {cfg.grad_accum})")
+
+
+def step_share(step: int, cfg: AlignStage, n: int, seed: int, world: World) -> list[int]:
+    """This process's indices of `step`'s global batch (epoch_order): a contiguous, disjoint share,
+    split as the pretraining sampler splits its rows (data/mixture.py)."""
+    order = epoch_order(step, cfg.batch_size, n, seed)
+    share = cfg.batch_size // world.size
+    return order[world.rank * share : (world.rank + 1) * share]
+
+
+def eval_share(n_batches: int, world: World) -> list[tuple[int, bool]]:
+    """(batch index, counted) of this process's held-out batches: round-robin, so every batch is the
+    one a single process evaluates (same rows, same padding) and sums all-reduce to its result.
+    Every process runs as many forwards (an FSDP2 forward gathers weights from every process): one
+    with no batch left in the last round repeats batch 0, not counted."""
+    rounds = -(-n_batches // world.size)
+    return [(j, True) if j < n_batches else (0, False) for j in range(world.rank, rounds * world.size, world.size)]
+
+
 def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalFn, loss_fn: LossFn, meta: dict, log=print,
-        first_eval: dict | None = None, token_mean_loss: bool = True) -> dict:
+        first_eval: dict | None = None, token_mean_loss: bool = True) -> tuple[dict, nn.Module | None]:
+    """Train the plain `model` through the engine, wrapped by DDP or sharded by FSDP2 under torchrun.
+
+    Returns (the first and last evaluation, the trained model with whole weights: on process 0;
+    None on the others). `batch_fn` gives this process's share of each step (step_share)."""
     world = init_world()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     engine_cfg = cfg.engine_config()
-    trainer = Trainer(model, model, engine_cfg, world, out_dir, batch_fn, eval_fn, loss_fn=loss_fn, meta=meta, log=log,
-                      token_mean_loss=token_mean_loss)
+    wrapped = parallelize(model, world, cfg.parallel, compile_model=False)
+    trainer = Trainer(wrapped, model, engine_cfg, world, out_dir, batch_fn, eval_fn, loss_fn=loss_fn, meta=meta,
+                      log=log, token_mean_loss=token_mean_loss)
     # Checkpoints of another config or starting model are not resumed from (removed, with a note).
     _drop_foreign_checkpoints(Path(out_dir) / "checkpoints", meta["resume_key"], log)
     resumed = trainer.resume()
@@ -92,7 +131,24 @@ def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalF
         log(f"  step {step}/{cfg.steps}  loss {loss:.4f}  {tps:,.0f} tok/s")
 
     with MetricsLog(out_dir, world.is_main, cfg.tensorboard, trainer.state.step if resumed else None) as metrics:
-        return trainer.fit(metrics, progress, first_eval)
+        result = trainer.fit(metrics, progress, first_eval)
+    return result, whole_model(wrapped, model, cfg, world)
+
+
+def whole_model(wrapped, raw, cfg: AlignStage, world: World) -> nn.Module | None:
+    """The trained model with whole weights on process 0 (None on the others): the module itself,
+    unless FSDP2 sharded it in place; then its weights are gathered (collective) into a fresh
+    model of the same shape, LoRA adapters included."""
+    if not any(isinstance(p, DTensor) for p in raw.parameters()):
+        return unwrap(wrapped) if world.is_main else None
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.is_main:
+        return None
+    plain = build_model(raw.cfg, device=world.device)
+    if cfg.lora is not None:
+        apply_lora(plain, cfg.lora)
+    plain.load_state_dict(full)
+    return plain
 
 
 def save_final(folder: Path, model, tok: TextTokenizer, init_from: Path, source: dict) -> None:
@@ -114,7 +170,12 @@ def chat(model, tok: TextTokenizer, prompts: list[str], system_prompt: str | Non
     return replies
 
 
+# Settings that change how a run is watched, saved or shown, not what it trains: changing one keeps
+# the checkpoints (pretraining's list, plus the closing chat's).
+ALIGN_BOOKKEEPING = BOOKKEEPING | {"chat_prompts", "chat_max_new_tokens"}
+
+
 def resume_key(cfg: AlignStage, init_from: Path) -> str:
     from openmill.rundir import fingerprint
 
-    return fingerprint(cfg.model_dump(mode="json"), [Path(init_from) / "model.safetensors"])
+    return fingerprint(cfg.model_dump(mode="json", exclude=ALIGN_BOOKKEEPING), [Path(init_from) / "model.safetensors"])

@@ -23,8 +23,8 @@ from torch import nn
 from openmill.config import PretrainConfig
 from openmill.fused_loss import IGNORE_INDEX
 from openmill.train import checkpoint as ckpt
-from openmill.train.metrics import MetricsLog
-from openmill.train.parallel import World, all_reduce_mean
+from openmill.train.metrics import MetricsLog, read_metrics
+from openmill.train.parallel import World, all_reduce_mean, all_reduce_sum
 from openmill.train.schedule import lr_at
 
 # A batch source gives this rank's micro-batches of a step: list of (inputs, targets, extra). The
@@ -162,8 +162,11 @@ class Trainer:
         hooks: TrainingHooks | None = None,
         token_mean_loss: bool = True,
     ):
-        """token_mean_loss: `loss_fn` is a mean over the targets it keeps (pretraining, SFT), so a
-        micro-batch weighs by its kept targets; False (DPO's per-pair loss): micro-batches weigh alike."""
+        """token_mean_loss: `loss_fn` is a mean over the targets it keeps and rows keep different
+        numbers of them (SFT's answers): micro-batches, and under torchrun processes, weigh by their
+        kept targets, so the step's loss is the mean over the global batch's. False: they weigh
+        alike; right for DPO's per-pair loss, and for pretraining, whose rows keep every target, so
+        equal shares are already the token mean (without a count and an all-reduce per step)."""
         self.model, self.raw, self.cfg, self.world = model, raw_model, cfg, world
         self.token_mean_loss = token_mean_loss
         self.out_dir = Path(out_dir)
@@ -262,16 +265,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(total, norm, tokens * self.world.size, lr, applied)
 
-    def _micro_shares(self, micro) -> list[float] | None:
-        """Each micro-batch's share of the step's loss, or None for equal shares (every micro-batch
-        keeps as many targets: pretraining). Weighing a token-mean loss by kept targets makes the
-        step's loss the mean over all of this process's kept targets whatever `grad_accum` is; the
-        plain average of micro-batch means would weigh a micro-batch of few answer tokens (SFT) as
-        much as a full one."""
-        if not self.token_mean_loss or len(micro) == 1:
+    def _micro_shares(self, micro) -> list[float] | torch.Tensor | None:
+        """Each micro-batch's share of the step's loss, or None for equal shares. Weighing a
+        token-mean loss by kept targets makes the step's loss the mean over all kept targets whatever
+        `grad_accum` and the number of processes are; the plain average of micro-batch means would
+        weigh a micro-batch of few answer tokens (SFT) as much as a full one."""
+        if not self.token_mean_loss:
             return None
         kept = [int((targets != IGNORE_INDEX).sum()) for _, targets, _ in micro]  # host tensors: no device sync
-        if len(set(kept)) == 1 or sum(kept) == 0:
+        if self.world.size > 1:
+            # DDP and FSDP2 average gradients over processes, hence the factor world size: one
+            # all-reduce per step, left on the device (no host sync).
+            local = torch.tensor(kept, dtype=torch.float32, device=self.world.device)
+            return local * self.world.size / all_reduce_sum(local.sum()).clamp(min=1)
+        if len(micro) == 1 or len(set(kept)) == 1 or sum(kept) == 0:
             return None
         return [k / sum(kept) for k in kept]
 
@@ -286,7 +293,9 @@ class Trainer:
         """Train from self.state.step to cfg.steps; returns the first and last evaluation.
 
         `first_eval`: the step-0 evaluation when the caller already has it (DPO's reference pass
-        is that forward), logged instead of evaluating again; ignored when resuming."""
+        is that forward), logged instead of evaluating again. A resumed run returns the step-0
+        evaluation its metrics.jsonl holds, and one resumed at its last step (it died after the
+        final checkpoint) evaluates that step again, so both are there for the caller's summary."""
         cfg = self.cfg
         self.metrics = metrics  # hooks log their events here
         fpt = flops_per_token(self.raw, cfg.seq_len)
@@ -294,9 +303,9 @@ class Trainer:
         if self.state.step == 0:
             first_eval = first_eval if first_eval is not None else self.evaluate()
             metrics.log(0, **first_eval)
+            last_eval = first_eval
         else:
-            first_eval = None
-        last_eval = first_eval
+            first_eval, last_eval = self._logged_step0_eval(), None
         # The logged loss is the mean over the window's applied steps: a dropped update's loss
         # (a spike, maybe inf) is no part of the trained curve and must not end the run it spared.
         running, window_tokens, t0 = torch.zeros((), device=self.world.device), 0, time.perf_counter()
@@ -349,4 +358,14 @@ class Trainer:
                 self.hooks.before_save(self, step)
                 self.save()
                 t0 = time.perf_counter()
+        if last_eval is None:  # resumed at the last step: nothing was left to train
+            last_eval = self.evaluate()
         return {"first_eval": first_eval, "last_eval": last_eval}
+
+    def _logged_step0_eval(self) -> dict[str, float] | None:
+        """The step-0 evaluation as metrics.jsonl recorded it (its first record: fit logs it first)."""
+        path = self.out_dir / "metrics.jsonl"
+        records = read_metrics(path) if path.is_file() else []
+        if not records or records[0].get("step") != 0:
+            return None
+        return {k: v for k, v in records[0].items() if k != "step"}

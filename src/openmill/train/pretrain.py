@@ -174,6 +174,7 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         meta={"model": model_cfg.model_dump(mode="json"), "recipe": recipe.name, "steps": cfg.steps},
         log=log,
         hooks=hooks,
+        token_mean_loss=False,  # every row keeps all its targets: equal shares are the token mean
     )
     resume_key = training_fingerprint(recipe)
     _drop_foreign_checkpoints(out_dir / "checkpoints", resume_key, log)
@@ -212,7 +213,7 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
 
 
 # Settings that change how a run is watched or saved, not what it trains: changing one keeps the checkpoints.
-_BOOKKEEPING = {"threads", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard"}
+BOOKKEEPING = {"threads", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard"}
 
 
 def training_fingerprint(recipe: Recipe) -> str:
@@ -225,7 +226,7 @@ def training_fingerprint(recipe: Recipe) -> str:
     """
     cfg = recipe.pretrain
     extendable = cfg.schedule != "cosine" and not cfg.phases
-    pretrain = cfg.model_dump(mode="json", exclude=_BOOKKEEPING | ({"steps"} if extendable else set()))
+    pretrain = cfg.model_dump(mode="json", exclude=BOOKKEEPING | ({"steps"} if extendable else set()))
     pretrain["monitor"].pop("report", None)
     trained = {**recipe.model_dump(mode="json", include={"seed", "data", "model"}), "pretrain": pretrain}
     return fingerprint(trained, [cfg.init_from] if cfg.init_from else [])
