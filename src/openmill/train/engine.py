@@ -92,7 +92,7 @@ def autocast_context(dtype: str, device: torch.device):
 
     auto = bf16 autocast on CUDA, fp32 on CPU; bf16 asks for autocast on either device, fp32 for
     none. CPU bf16 pays only where the CPU has bf16 instructions: on the 2-core EPYC with avx512_bf16
-    the demo pretrains 1.25x faster with the same bits per byte (benchmarks/README.md); without
+    the demo pretrains 1.15x faster with the same bits per byte (benchmarks/README.md); without
     them it is not measured, so auto stays with fp32 on every CPU."""
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
