@@ -82,3 +82,14 @@ def test_sft_stage_lowers_heldout_loss_on_the_embedded_sample(tmp_path, tokenize
     assert again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     assert [c["user"] for c in again["chat"]] == ["你是谁？"]
     assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+
+
+def test_epoch_order_visits_every_example_once_per_epoch_and_is_a_function_of_the_step():
+    from openmill.align.train import epoch_order
+
+    n, batch = 13, 4  # steps straddle epochs
+    drawn = [i for step in range(13) for i in epoch_order(step, batch, n, seed=5)]  # 52 = 4 epochs
+    for epoch in range(4):
+        assert sorted(drawn[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert drawn[:n] != drawn[n : 2 * n]  # a fresh order each epoch
+    assert epoch_order(7, batch, n, seed=5) == drawn[28:32]  # asked alone, out of order: the same

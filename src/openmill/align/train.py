@@ -10,6 +10,7 @@ final folder and the chat replies.
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -80,9 +81,13 @@ def epoch_order(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     out = []
     for g in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(g, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[i]))
+        out.append(int(_epoch_permutation(n, seed, epoch)[i]))
     return out
+
+
+@lru_cache(maxsize=2)  # a step's examples mostly share an epoch: its permutation is drawn once, not per example
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def require_batch_split(cfg: AlignStage, world: World, stage: str) -> None:
