@@ -119,3 +119,15 @@ def test_processes_split_every_global_batch_and_every_heldout_pass():
     # 5 batches on 2 processes: 3 forwards each, batch 0 repeated (uncounted) to keep them in step
     passes = [eval_share(5, World(rank=r, size=2)) for r in range(2)]
     assert passes == [[(0, True), (2, True), (4, True)], [(1, True), (3, True), (0, False)]]
+
+
+def test_tokens_are_counted_over_every_process(chat_model, tmp_path):
+    """Rows are padded per micro-batch: one process in 2 micro-batches and 2 processes in one each
+    pad the same rows alike, so the logged tokens must agree (process 0's count x 2 does not)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_recipe(load_recipe(TINY, settings("sft", chat_model, one, "ddp")))
+    torchrun("sft", [*settings("sft", chat_model, two, "ddp"), "sft.grad_accum=1"])
+    a, b = (read_metrics(root / "sft" / "metrics.jsonl") for root in (one, two))
+    tokens = [[r["tokens"] for r in m if "loss" in r] for m in (a, b)]
+    assert tokens[0] == tokens[1] and len(set(tokens[0])) == 4
+    assert_same_numbers(a, b, steps=list(range(5)))

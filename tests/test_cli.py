@@ -202,3 +202,12 @@ def test_generate_with_a_bad_option_is_one_line(tmp_path, tokenizer_path, option
 def test_bad_yaml_in_set_is_one_line(tmp_path):
     line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", "pretrain={a: 1")
     assert line.startswith("error: --set pretrain={a: 1: the value is not valid YAML (")
+
+
+def test_a_batch_that_processes_cannot_share_fails_before_any_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check runs before any process group
+    line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", "dpo.batch_size=6", "--set", "dpo.grad_accum=2")
+    assert line == "error: dpo.batch_size: 6 must divide by processes x grad_accum (2 x 2)"
+    line = fail_line("run", TINY, "--set", f"run_dir={tmp_path}", "--set", "pretrain.batch_size=15")
+    assert line == "error: pretrain.batch_size: 15 must divide by processes x grad_accum (2 x 1)"
+    assert not (tmp_path / "curate").exists()  # nothing ran

@@ -127,10 +127,11 @@ def test_changed_recipe_does_not_resume_foreign_checkpoints(prepared, tmp_path, 
 
 
 def test_bookkeeping_changes_keep_the_checkpoints(prepared, tmp_path, capsys):
-    """Only what changes the trained weights makes checkpoints foreign: not logging, saving or threads."""
+    """Only what changes the trained weights makes checkpoints foreign: not logging, saving, threads or
+    how processes share the model (checkpoints hold whole weights)."""
     recipe, root = fresh_run(prepared, tmp_path, ["pretrain.steps=4"])
     run_recipe(recipe, ["pretrain"])
-    changed = ["pretrain.steps=4", "pretrain.log_every=2", "pretrain.keep_checkpoints=4", "pretrain.threads=1"]
+    changed = ["pretrain.steps=4", "pretrain.log_every=2", "pretrain.keep_checkpoints=4", "pretrain.threads=1", "pretrain.parallel=fsdp"]
     capsys.readouterr()
     run_recipe(load_recipe(TINY, SMALL + [f"run_dir={root}", *changed]), ["pretrain"], force=True)
     printed = capsys.readouterr().out

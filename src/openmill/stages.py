@@ -255,6 +255,7 @@ def preflight(recipe: Recipe) -> None:
         raise RecipeError(f"model.vocab_size: {m.vocab_size} is smaller than tokenizer.vocab_size {recipe.tokenizer.vocab_size}")
     if p.init_from is not None and not (Path(p.init_from) / "model.json").is_file():
         raise RecipeError(f"pretrain.init_from: {p.init_from} is not a model folder (model.json missing)")
+    _check_batch_splits(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     if "upscale" in recipe.stages and recipe.upscale.source is None:  # else the source's depth is checked when read
         from openmill.surgery.source import SurgeryError
         from openmill.surgery.upscale import dus_layer_map
@@ -263,6 +264,24 @@ def preflight(recipe: Recipe) -> None:
             dus_layer_map(model.n_layers, recipe.upscale.drop_for(model.n_layers), recipe.upscale.copies)
         except SurgeryError as e:
             raise RecipeError(f"upscale.drop: {e}".replace("--drop", "drop")) from None
+
+
+def _check_batch_splits(recipe: Recipe, processes: int) -> None:
+    """Under torchrun (WORLD_SIZE processes) every process takes an equal share of each global
+    batch in grad_accum micro-batches: checked for every training stage before the first runs."""
+    p = recipe.pretrain
+    splits = []
+    if "pretrain" in recipe.stages:
+        splits += [("pretrain.batch_size", p.batch_size, p.grad_accum)]
+        splits += [(f"pretrain.phases.{ph.name}.batch_size", ph.batch_size, p.grad_accum) for ph in p.phases if ph.batch_size]
+    if "continue_pretrain" in recipe.stages:
+        field = "continue_pretrain.batch_size" if recipe.continue_pretrain.batch_size else "pretrain.batch_size"
+        splits += [(field, recipe.continue_pretrain.batch_size or p.batch_size, p.grad_accum)]
+    splits += [(f"{name}.batch_size", getattr(recipe, name).batch_size, getattr(recipe, name).grad_accum)
+               for name in ("sft", "dpo") if name in recipe.stages]
+    for field, size, accum in splits:
+        if size % (processes * accum):
+            raise RecipeError(f"{field}: {size} must divide by processes x grad_accum ({processes} x {accum})")
 
 
 def _is_main() -> bool:

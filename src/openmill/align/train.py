@@ -15,20 +15,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
 
 from openmill.align.config import AlignStage
 from openmill.align.lora import apply_lora, merge_lora
 from openmill.align.templates import with_template
+from openmill.config import RecipeError
 from openmill.export.folder import write_model_folder
 from openmill.generate import generate
-from openmill.model import build_model
 from openmill.textmodel import TextTokenizer, load_text_model
 from openmill.train.engine import BatchFn, EvalFn, LossFn, Trainer
 from openmill.train.metrics import MetricsLog
-from openmill.train.parallel import World, init_world, parallelize, unwrap
-from openmill.train.pretrain import BOOKKEEPING, _drop_foreign_checkpoints
+from openmill.train.parallel import World, init_world, parallelize
+from openmill.train.pretrain import BOOKKEEPING, _drop_foreign_checkpoints, unwrap_full
 
 
 def load_start(folder: Path, cfg: AlignStage, log=print) -> tuple[nn.Module, TextTokenizer, dict]:
@@ -93,9 +91,9 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 def require_batch_split(cfg: AlignStage, world: World, stage: str) -> None:
     """batch_size is the global batch (as pretrain's): every process takes as many rows or pairs,
     in grad_accum equal micro-batches."""
-    if cfg.batch_size % (world.size * cfg.grad_accum):
-        raise ValueError(f"{stage}.batch_size {cfg.batch_size} must divide by processes x grad_accum "
-                         f"({world.size} x {cfg.grad_accum})")
+    if cfg.batch_size % (world.size * cfg.grad_accum):  # preflight says so first, for a whole recipe
+        raise RecipeError(f"{stage}.batch_size: {cfg.batch_size} must divide by processes x grad_accum "
+                          f"({world.size} x {cfg.grad_accum})")
 
 
 def step_share(step: int, cfg: AlignStage, n: int, seed: int, world: World) -> list[int]:
@@ -142,18 +140,10 @@ def fit(model, cfg: AlignStage, out_dir: Path, batch_fn: BatchFn, eval_fn: EvalF
 
 def whole_model(wrapped, raw, cfg: AlignStage, world: World) -> nn.Module | None:
     """The trained model with whole weights on process 0 (None on the others): the module itself,
-    unless FSDP2 sharded it in place; then its weights are gathered (collective) into a fresh
-    model of the same shape, LoRA adapters included."""
-    if not any(isinstance(p, DTensor) for p in raw.parameters()):
-        return unwrap(wrapped) if world.is_main else None
-    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not world.is_main:
-        return None
-    plain = build_model(raw.cfg, device=world.device)
-    if cfg.lora is not None:
-        apply_lora(plain, cfg.lora)
-    plain.load_state_dict(full)
-    return plain
+    unless FSDP2 sharded it in place; then gathered (collective) into a fresh copy, LoRA included."""
+    prepare = (lambda copy: apply_lora(copy, cfg.lora)) if cfg.lora is not None else None
+    trained = unwrap_full(wrapped, raw, prepare)
+    return trained if world.is_main else None
 
 
 def save_final(folder: Path, model, tok: TextTokenizer, init_from: Path, source: dict) -> None:
@@ -175,8 +165,8 @@ def chat(model, tok: TextTokenizer, prompts: list[str], system_prompt: str | Non
     return replies
 
 
-# Settings that change how a run is watched, saved or shown, not what it trains: changing one keeps
-# the checkpoints (pretraining's list, plus the closing chat's).
+# Settings that change how a run is watched, saved, spread or shown, not what it trains: changing
+# one keeps the checkpoints (pretraining's list, plus the closing chat's).
 ALIGN_BOOKKEEPING = BOOKKEEPING | {"chat_prompts", "chat_max_new_tokens"}
 
 

@@ -161,14 +161,19 @@ class Trainer:
         log=print,
         hooks: TrainingHooks | None = None,
         token_mean_loss: bool = True,
+        equal_batches: bool = False,
     ):
         """token_mean_loss: `loss_fn` is a mean over the targets it keeps and rows keep different
         numbers of them (SFT's answers): micro-batches, and under torchrun processes, weigh by their
         kept targets, so the step's loss is the mean over the global batch's. False: they weigh
         alike; right for DPO's per-pair loss, and for pretraining, whose rows keep every target, so
-        equal shares are already the token mean (without a count and an all-reduce per step)."""
+        equal shares are already the token mean (without a count and an all-reduce per step).
+
+        equal_batches: every process's batches have the same shape (pretraining's windows), so the
+        step's tokens are this process's times the processes; else (SFT/DPO rows padded to their
+        own longest) they are summed over the processes, a host sync per step."""
         self.model, self.raw, self.cfg, self.world = model, raw_model, cfg, world
-        self.token_mean_loss = token_mean_loss
+        self.token_mean_loss, self.equal_batches = token_mean_loss, equal_batches
         self.out_dir = Path(out_dir)
         self.batch_fn, self.eval_fn, self.loss_fn = batch_fn, eval_fn, loss_fn
         self.stateful = stateful or {}  # name -> object with state_dict / load_state_dict
@@ -263,7 +268,9 @@ class Trainer:
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total, norm, tokens * self.world.size, lr, applied)
+        if self.world.size > 1:
+            tokens = tokens * self.world.size if self.equal_batches else int(all_reduce_sum(torch.tensor(tokens, device=self.world.device)))
+        return StepResult(total, norm, tokens, lr, applied)
 
     def _micro_shares(self, micro) -> list[float] | torch.Tensor | None:
         """Each micro-batch's share of the step's loss, or None for equal shares. Weighing a

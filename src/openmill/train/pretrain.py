@@ -21,21 +21,21 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
-from openmill.config import ModelConfig, Recipe
+from openmill.config import ModelConfig, Recipe, RecipeError
 from openmill.data.dmu import DataManagementUnit
 from openmill.data.shards import TokenShards
-from openmill.model import Transformer, build_model
 from openmill.export.folder import TokenizerInfo, write_model_folder
+from openmill.model import Transformer, build_model
 from openmill.rundir import fingerprint, sha256_file
 from openmill.tokenizer import Tokenizer
 from openmill.train.checkpoint import barrier, is_main_process, list_checkpoints
 from openmill.train.engine import Trainer
 from openmill.train.heurimentor import HeuriMentor
+from openmill.train.metrics import MetricsLog, read_metrics
 from openmill.train.monitor import TrainingMonitor
+from openmill.train.parallel import init_world, parallelize, unwrap
 from openmill.train.report import write_report
 from openmill.train.schedule import wsd_decay_start
-from openmill.train.metrics import MetricsLog, read_metrics
-from openmill.train.parallel import init_world, parallelize, unwrap
 
 
 def load_model_folder(folder: Path, device="cpu") -> tuple[Transformer, ModelConfig]:
@@ -147,8 +147,8 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
 
     for phase in dmu.phases:
         size = phase.batch_size or cfg.batch_size
-        if size % (world.size * cfg.grad_accum):
-            raise ValueError(
+        if size % (world.size * cfg.grad_accum):  # preflight says so first, for a whole recipe
+            raise RecipeError(
                 f"pretrain batch size {size} (phase {phase.name}) must divide by processes x grad_accum ({world.size} x {cfg.grad_accum})"
             )
 
@@ -175,6 +175,7 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
         log=log,
         hooks=hooks,
         token_mean_loss=False,  # every row keeps all its targets: equal shares are the token mean
+        equal_batches=True,  # every process draws B x T windows
     )
     resume_key = training_fingerprint(recipe)
     _drop_foreign_checkpoints(out_dir / "checkpoints", resume_key, log)
@@ -212,8 +213,9 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     return [final, out_dir / "metrics.jsonl"], summary
 
 
-# Settings that change how a run is watched or saved, not what it trains: changing one keeps the checkpoints.
-BOOKKEEPING = {"threads", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard"}
+# Settings that change how a run is watched, saved or spread over processes, not what it trains: changing
+# one keeps the checkpoints (they hold whole weights: DDP, FSDP2 and any process count resume them).
+BOOKKEEPING = {"threads", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "parallel"}
 
 
 def training_fingerprint(recipe: Recipe) -> str:
@@ -239,7 +241,7 @@ def _drop_foreign_checkpoints(root: Path, resume_key: str, log) -> None:
     """
     newest = _newest_meta(root)
     if newest is not None and newest[1].get("resume_key") != resume_key and is_main_process():
-        log(f"pretrain: the recipe changed since {newest[0].name}; starting over (old checkpoints removed)")
+        log(f"{root.parent.name}: the recipe changed since {newest[0].name}; starting over (old checkpoints removed)")
         shutil.rmtree(root)
     barrier()
 
@@ -288,10 +290,12 @@ def _verified_meta(folder: Path) -> dict | None:
         return None
 
 
-def unwrap_full(model, raw: Transformer) -> Transformer | None:
+def unwrap_full(model, raw: Transformer, prepare=None) -> Transformer | None:
     """The plain model with full weights (FSDP2 shards in place: gather into a fresh copy).
 
-    Collective under FSDP2; the gathered copy exists on rank 0 only (None elsewhere)."""
+    Collective under FSDP2; the gathered copy exists on rank 0 only (None elsewhere), on the CPU (a
+    model that needed sharding may not fit one device whole). `prepare(copy)` gives the fresh copy
+    what the trained one had added before loading (LoRA adapters)."""
     if not any(type(p).__name__ == "DTensor" for p in raw.parameters()):
         return unwrap(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -300,6 +304,8 @@ def unwrap_full(model, raw: Transformer) -> Transformer | None:
     if not is_main_process():
         return None
     plain = build_model(raw.cfg, device="cpu")
+    if prepare is not None:
+        prepare(plain)
     plain.load_state_dict(full)
     return plain
 
