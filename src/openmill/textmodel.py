@@ -167,6 +167,18 @@ class TextTokenizer:
             spans.append((end, len(text)))
         return self._encode_keeping_text(text, spans)[0]
 
+    def encode_with_specials(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of `text` in one piece with every special-token string in it encoded as the special
+        token, wherever it came from: what transformers' `tokenizer.encode(text)` gives, and so how
+        lm-evaluation-harness encodes its chat-rendered contexts. add_special_tokens: let
+        tokenizer.json's post-processor add its tokens (BOS, in Llama 3 style folders), as
+        transformers does unless told not to. Prefer encode_messages for anything else."""
+        self.hf.encode_special_tokens = False
+        try:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        finally:
+            self.hf.encode_special_tokens = True  # the default every other encode relies on
+
     def _encode_keeping_text(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, character offsets) of `text` with special-token strings encoded as the special
         tokens, except inside `spans` (sorted, disjoint (start, end)): each of those is encoded on
