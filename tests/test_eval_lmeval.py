@@ -131,3 +131,12 @@ def test_chat_template_runs_give_lm_evals_hf_loglikelihoods_and_generations(temp
     assert ours["local_piqa"]["acc,none"] == theirs["local_piqa"]["acc,none"]
     for a, b in zip(*gen):
         assert a["arguments"] == b["arguments"] and a["filtered_resps"] == b["filtered_resps"]
+    # Contexts rendered elsewhere (lm-eval's request cache): chat=true encodes them as chat too.
+    from types import SimpleNamespace
+
+    requests = [SimpleNamespace(args=tuple(arg)) for s in mc[0] for arg in s["arguments"]]
+    expected = [float(r[0]) for s in mc[0] for r in s["filtered_resps"]]
+    cached = [ll for ll, _ in OpenmillLM(path, batch_size=4, chat="true").loglikelihood(requests)]
+    assert cached == pytest.approx(expected, abs=1e-6)
+    plain = [ll for ll, _ in OpenmillLM(path, batch_size=4).loglikelihood(requests)]
+    assert plain != pytest.approx(expected, abs=1e-3)  # without it they would be scored as plain text

@@ -22,8 +22,8 @@ whitespace (ChatML's newline) into the answer, as scoring.encode_pair does.
 
 A context is encoded this way when it is a string this LM rendered; anything else (the plain
 path, empty contexts, loglikelihood_rolling) keeps openmill's plain encoding. lm-eval's
-`cache_requests` reuses contexts rendered by an earlier process, which are then not recognised:
-do not combine it with chat mode.
+`cache_requests` reuses contexts rendered by an earlier process, which this LM never saw: with it,
+pass `chat=true` in `--model_args`, and every context is encoded as chat-rendered.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ from openmill.textmodel import load_text_model
 
 @register_model("openmill")
 class OpenmillLM(LM):
-    def __init__(self, path: str | Path, batch_size: int | str = 16, device: str | None = None, **_ignored):
+    def __init__(self, path: str | Path, batch_size: int | str = 16, device: str | None = None,
+                 chat: bool | str = False, **_ignored):
+        """chat (`--model_args path=...,chat=true`): treat every context as chat-rendered, for
+        contexts lm-eval renders without asking this LM (its `cache_requests`)."""
         super().__init__()
+        self.all_chat = str(chat).lower() in ("true", "1")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tok = load_text_model(path, device=device)
         self.enc = Encoder(self.tok, chat=False)
@@ -91,6 +95,9 @@ class OpenmillLM(LM):
         starts = prefix is not None and text.startswith(prefix)
         return self.tok.encode_with_specials(text, add_special_tokens=not starts)
 
+    def _is_chat(self, context: str) -> bool:
+        return self.all_chat or context in self.rendered
+
     def _chat_group(self, context: str, continuations: list[str]) -> Group:
         # lm-eval's prefix token (BOS, else EOS), as text, decides whether the post-processor runs.
         start = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
@@ -108,7 +115,7 @@ class OpenmillLM(LM):
         contexts = list(by_context)
         groups = []
         for c in contexts:
-            group = self._chat_group if c in self.rendered else self.enc.group
+            group = self._chat_group if self._is_chat(c) else self.enc.group
             groups.append(group(c, [requests[n].args[1] for n in by_context[c]]))
         scores = score_groups(self.model, groups, self.tok.pad_id, batch_size=self.batch_size)
         out: list = [None] * len(requests)
@@ -128,7 +135,7 @@ class OpenmillLM(LM):
             until = [until] if isinstance(until, str) else until
             max_new = int(kwargs.get("max_gen_toks", 256))
             # HFLM's tok_batch_encode skips the post-processor when the text starts with BOS
-            if context in self.rendered:
+            if self._is_chat(context):
                 ids = self._encode_rendered(context, self.tok.info.bos_token)
             else:
                 ids = self.enc.prompt(context)
