@@ -20,6 +20,7 @@ from openmill.config import Recipe, RecipeError
 from openmill.data.readers import check_corpus, expand_paths
 from openmill.data.sources import document_files
 from openmill.rundir import RunDir, atomic_write_text, fingerprint
+from openmill.train.parallel import check_batch_split
 
 StageFn = Callable[[Recipe, Path], tuple[list[Path], dict]]
 
@@ -280,8 +281,7 @@ def _check_batch_splits(recipe: Recipe, processes: int) -> None:
     splits += [(f"{name}.batch_size", getattr(recipe, name).batch_size, getattr(recipe, name).grad_accum)
                for name in ("sft", "dpo") if name in recipe.stages]
     for field, size, accum in splits:
-        if size % (processes * accum):
-            raise RecipeError(f"{field}: {size} must divide by processes x grad_accum ({processes} x {accum})")
+        check_batch_split(field, size, processes, accum)
 
 
 def _is_main() -> bool:

@@ -173,11 +173,16 @@ class TextTokenizer:
         lm-evaluation-harness encodes its chat-rendered contexts. add_special_tokens: let
         tokenizer.json's post-processor add its tokens (BOS, in Llama 3 style folders), as
         transformers does unless told not to. Prefer encode_messages for anything else."""
-        self.hf.encode_special_tokens = False
+        return self._encode_piece(text, markers=True, add_special_tokens=add_special_tokens).ids
+
+    def _encode_piece(self, text: str, markers: bool, add_special_tokens: bool = False):
+        """The library's Encoding of `text`, special-token strings as the special tokens (markers)
+        or as text; the tokenizer is left in its text mode, the default every other encode relies on."""
+        self.hf.encode_special_tokens = not markers
         try:
-            return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
         finally:
-            self.hf.encode_special_tokens = True  # the default every other encode relies on
+            self.hf.encode_special_tokens = True
 
     def _encode_keeping_text(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, character offsets) of `text` with special-token strings encoded as the special
@@ -192,11 +197,7 @@ class TextTokenizer:
         for begin, end, as_text in pieces:
             if begin == end:
                 continue
-            self.hf.encode_special_tokens = as_text
-            try:
-                enc = self.hf.encode(text[begin:end], add_special_tokens=False)
-            finally:
-                self.hf.encode_special_tokens = True  # the default every other encode relies on
+            enc = self._encode_piece(text[begin:end], markers=not as_text)
             ids += enc.ids
             offsets += [(begin + a, begin + b) for a, b in enc.offsets]
         return ids, offsets

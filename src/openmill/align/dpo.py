@@ -30,7 +30,7 @@ from openmill.align.sft import Example, collate
 from openmill.align.templates import encode_conversation
 from openmill.textmodel import TextTokenizer
 from openmill.train.engine import autocast_context
-from openmill.train.parallel import World, all_reduce_sum, init_world, unwrap
+from openmill.train.parallel import World, all_reduce_sum, check_batch_split, init_world, unwrap
 
 
 def tokenize_pairs(pairs: list[Pair], tok: TextTokenizer, cfg: DpoConfig, where: str,
@@ -167,7 +167,7 @@ def run_dpo(cfg: DpoConfig, init_from: Path, out_dir: Path, seed: int, log=print
     if not cfg.train:
         raise ValueError("dpo.train: no data files given")
     world = init_world()
-    common.require_batch_split(cfg, world, "dpo")
+    check_batch_split("dpo.batch_size", cfg.batch_size, world.size, cfg.grad_accum)  # batch_size is global, as pretrain's
     log = log if world.is_main else (lambda *a, **k: None)
     torch.manual_seed(seed)
     model, tok, facts = common.load_start(init_from, cfg, log)

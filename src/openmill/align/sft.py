@@ -23,8 +23,9 @@ from openmill.align import train as common
 from openmill.align.config import SftConfig
 from openmill.align.data import load_conversations
 from openmill.align.templates import encode_conversation
+from openmill.fused_loss import IGNORE_INDEX
 from openmill.textmodel import TextTokenizer
-from openmill.train.parallel import World, all_reduce_sum, init_world, unwrap
+from openmill.train.parallel import World, all_reduce_sum, check_batch_split, init_world, unwrap
 
 PAD_DOC = -1  # document id of padding: padding attends only to padding, and has no targets
 
@@ -100,7 +101,7 @@ def heldout_loss(rows: list[list[Example]], pad_id: int, batch_rows: int = 8, wo
         sums = torch.zeros(2, dtype=torch.float64, device=net.embed_tokens.weight.device)  # (loss x tokens, tokens)
         for j, counted in common.eval_share(len(starts), world):
             x, y, d = (t.to(sums.device) for t in collate(rows[starts[j] : starts[j] + batch_rows], pad_id))
-            n = (y != -100).sum().double()
+            n = (y != IGNORE_INDEX).sum().double()
             loss = net(x, targets=y, doc_ids=d)
             if counted:
                 sums += torch.stack([loss.double() * n, n])
@@ -115,7 +116,7 @@ def run_sft(cfg: SftConfig, init_from: Path, out_dir: Path, seed: int, log=print
     if not cfg.train:
         raise ValueError("sft.train: no data files given")
     world = init_world()
-    common.require_batch_split(cfg, world, "sft")
+    check_batch_split("sft.batch_size", cfg.batch_size, world.size, cfg.grad_accum)  # batch_size is global, as pretrain's
     log = log if world.is_main else (lambda *a, **k: None)
     torch.manual_seed(seed)
     model, tok, facts = common.load_start(init_from, cfg, log)

@@ -19,7 +19,6 @@ from torch import nn
 from openmill.align.config import AlignStage
 from openmill.align.lora import apply_lora, merge_lora
 from openmill.align.templates import with_template
-from openmill.config import RecipeError
 from openmill.export.folder import write_model_folder
 from openmill.generate import generate
 from openmill.textmodel import TextTokenizer, load_text_model
@@ -86,14 +85,6 @@ def epoch_order(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 @lru_cache(maxsize=2)  # a step's examples mostly share an epoch: its permutation is drawn once, not per example
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def require_batch_split(cfg: AlignStage, world: World, stage: str) -> None:
-    """batch_size is the global batch (as pretrain's): every process takes as many rows or pairs,
-    in grad_accum equal micro-batches."""
-    if cfg.batch_size % (world.size * cfg.grad_accum):  # preflight says so first, for a whole recipe
-        raise RecipeError(f"{stage}.batch_size: {cfg.batch_size} must divide by processes x grad_accum "
-                          f"({world.size} x {cfg.grad_accum})")
 
 
 def step_share(step: int, cfg: AlignStage, n: int, seed: int, world: World) -> list[int]:

@@ -122,7 +122,7 @@ class HeuriMentor(TrainingHooks):
             trainer.save()
             saved = trainer.state.step  # earlier than `step` after a rewind
             self.event(trainer, saved, {"event": "sigterm", "checkpoint": f"step_{saved:06d}"})
-            self.log(f"pretrain: stopped by SIGTERM at step {saved}; rerun the same command to resume")
+            self.log(f"{trainer.out_dir.name}: stopped by SIGTERM at step {saved}; rerun the same command to resume")
             raise SystemExit(EXIT_STOPPED)
 
     def _apply_control(self, trainer: Trainer, step: int, settings: dict) -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from openmill.config import RecipeError
+
 
 @dataclass(frozen=True)
 class World:
@@ -82,3 +84,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def check_batch_split(field: str, batch_size: int, processes: int, grad_accum: int) -> None:
+    """A global batch every process takes an equal share of, in grad_accum equal micro-batches."""
+    if batch_size % (processes * grad_accum):
+        raise RecipeError(f"{field}: {batch_size} must divide by processes x grad_accum ({processes} x {grad_accum})")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
-from openmill.config import ModelConfig, Recipe, RecipeError
+from openmill.config import ModelConfig, Recipe
 from openmill.data.dmu import DataManagementUnit
 from openmill.data.shards import TokenShards
 from openmill.export.folder import TokenizerInfo, write_model_folder
@@ -33,7 +33,7 @@ from openmill.train.engine import Trainer
 from openmill.train.heurimentor import HeuriMentor
 from openmill.train.metrics import MetricsLog, read_metrics
 from openmill.train.monitor import TrainingMonitor
-from openmill.train.parallel import init_world, parallelize, unwrap
+from openmill.train.parallel import check_batch_split, init_world, parallelize, unwrap
 from openmill.train.report import write_report
 from openmill.train.schedule import wsd_decay_start
 
@@ -145,12 +145,8 @@ def run_pretrain(recipe: Recipe, out_dir: Path, tokenizer_path: Path, tokens_dir
     n_params = sum(p.numel() for p in raw.parameters())
     model = parallelize(raw, world, cfg.parallel, cfg.compile)
 
-    for phase in dmu.phases:
-        size = phase.batch_size or cfg.batch_size
-        if size % (world.size * cfg.grad_accum):  # preflight says so first, for a whole recipe
-            raise RecipeError(
-                f"pretrain batch size {size} (phase {phase.name}) must divide by processes x grad_accum ({world.size} x {cfg.grad_accum})"
-            )
+    for phase in dmu.phases:  # preflight says so first, for a whole recipe
+        check_batch_split(f"pretrain batch size (phase {phase.name})", phase.batch_size or cfg.batch_size, world.size, cfg.grad_accum)
 
     def batch_fn(step: int):
         # The phase of `step` decides batch size and window length (data/dmu.py).
@@ -261,7 +257,7 @@ def _wsd_extension_limit(root: Path, cfg, log) -> int | None:
     later = [folder for step, folder in list_checkpoints(root) if step > limit]
     barrier()  # every process has read the checkpoints before any is removed
     if later and is_main_process():
-        log(f"pretrain: steps changed from {old} to {cfg.steps} under wsd; resuming from a checkpoint at "
+        log(f"{root.parent.name}: steps changed from {old} to {cfg.steps} under wsd; resuming from a checkpoint at "
             f"step <= {limit}, before the decay ({len(later)} later checkpoint(s) removed)")
         for folder in later:
             shutil.rmtree(folder)
